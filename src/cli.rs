@@ -1,0 +1,62 @@
+//! Command-line flags (argh). Raw values only; `config.rs` validates them and applies the
+//! `IMGSRV_*` environment equivalents (a flag wins over the environment).
+
+use argh::FromArgs;
+
+/// imgsrv: stores, publishes and serves VM and disk images from one redb file.
+#[derive(FromArgs, Debug)]
+pub struct Cli {
+    /// print the version and exit
+    #[argh(switch)]
+    pub version: bool,
+    #[argh(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Serve(ServeArgs),
+}
+
+/// Run the HTTP server.
+#[derive(FromArgs, Debug, Default)]
+#[argh(subcommand, name = "serve")]
+pub struct ServeArgs {
+    /// address to listen on (IMGSRV_LISTEN; default 127.0.0.1:8080)
+    #[argh(option)]
+    pub listen: Option<String>,
+    /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
+    #[argh(option)]
+    pub data_dir: Option<String>,
+    /// PEM certificate chain for TLS (IMGSRV_TLS_CERT)
+    #[argh(option)]
+    pub tls_cert: Option<String>,
+    /// PEM private key for TLS (IMGSRV_TLS_KEY)
+    #[argh(option)]
+    pub tls_key: Option<String>,
+    /// metrics address, empty disables (IMGSRV_METRICS_LISTEN; default 127.0.0.1:9464)
+    #[argh(option)]
+    pub metrics_listen: Option<String>,
+    /// lifetime of upload sessions, e.g. 24h, 30m (IMGSRV_UPLOAD_TTL; default 24h)
+    #[argh(option)]
+    pub upload_ttl: Option<String>,
+    /// how often expired uploads and unreferenced blobs are swept (IMGSRV_SWEEP_INTERVAL; default 1m)
+    #[argh(option)]
+    pub sweep_interval: Option<String>,
+    /// log format: text or json (IMGSRV_LOG_FORMAT; default text)
+    #[argh(option)]
+    pub log_format: Option<String>,
+    /// log verbosity: 0 errors and warnings, 1 lifecycle, 2 every request (IMGSRV_VERBOSITY; default 2)
+    #[argh(option)]
+    pub verbosity: Option<u8>,
+    /// number of HTTP worker threads (IMGSRV_HTTP_THREADS; default 32)
+    #[argh(option)]
+    pub http_threads: Option<usize>,
+    /// number of publish workers (IMGSRV_PUBLISH_WORKERS; default 2)
+    #[argh(option)]
+    pub publish_workers: Option<usize>,
+    /// redb page cache size in MiB (IMGSRV_CACHE_MIB; default 64)
+    #[argh(option)]
+    pub cache_mib: Option<usize>,
+}

@@ -1,0 +1,117 @@
+//! Validated settings: flags first, then `IMGSRV_*` environment variables, then defaults
+//! (API.md Decision 12).
+
+use crate::cli::ServeArgs;
+use crate::clock::parse_duration;
+use crate::log::Format;
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub metrics_listen: Option<String>,
+    pub upload_ttl: Duration,
+    pub sweep_interval: Duration,
+    pub log_format: Format,
+    pub verbosity: u8,
+    pub http_threads: usize,
+    pub publish_workers: usize,
+    pub cache_bytes: usize,
+}
+
+fn pick(flag: Option<String>, env: &str) -> Option<String> {
+    flag.or_else(|| std::env::var(env).ok())
+}
+
+fn number<T: std::str::FromStr>(flag: Option<T>, env: &str, default: T) -> Result<T, String> {
+    if let Some(v) = flag {
+        return Ok(v);
+    }
+    match std::env::var(env) {
+        Ok(s) => s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{env}={s:?} is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn duration(
+    flag: Option<String>,
+    env: &str,
+    default: &str,
+    what: &str,
+) -> Result<Duration, String> {
+    let raw = pick(flag, env).unwrap_or_else(|| default.to_string());
+    match parse_duration(&raw) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(format!(
+            "{what} {raw:?} is not a duration such as 24h, 30m, 15s or 500ms"
+        )),
+    }
+}
+
+impl Config {
+    pub fn from_args(a: ServeArgs) -> Result<Config, String> {
+        let listen = pick(a.listen, "IMGSRV_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".into());
+        let data_dir = pick(a.data_dir, "IMGSRV_DATA_DIR")
+            .or_else(|| {
+                std::env::var("STATE_DIRECTORY")
+                    .ok()
+                    .map(|s| s.split(':').next().unwrap_or("").to_string())
+            })
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "./imgsrv-data".into());
+        let tls_cert = pick(a.tls_cert, "IMGSRV_TLS_CERT")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        let tls_key = pick(a.tls_key, "IMGSRV_TLS_KEY")
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from);
+        if tls_cert.is_some() != tls_key.is_some() {
+            return Err("--tls-cert and --tls-key must be given together".into());
+        }
+        if tls_cert.is_some() {
+            return Err(
+                "TLS is not supported by this build yet; terminate TLS in front of imgsrv".into(),
+            );
+        }
+        let metrics_listen = pick(a.metrics_listen, "IMGSRV_METRICS_LISTEN")
+            .unwrap_or_else(|| "127.0.0.1:9464".into());
+        let metrics_listen = (!metrics_listen.is_empty()).then_some(metrics_listen);
+        let log_format = match pick(a.log_format, "IMGSRV_LOG_FORMAT").as_deref() {
+            None | Some("text") => Format::Text,
+            Some("json") => Format::Json,
+            Some(other) => return Err(format!("log format {other:?} must be text or json")),
+        };
+        let cache_mib: usize = number(a.cache_mib, "IMGSRV_CACHE_MIB", 64)?;
+        let http_threads = number(a.http_threads, "IMGSRV_HTTP_THREADS", 32)?;
+        let publish_workers = number(a.publish_workers, "IMGSRV_PUBLISH_WORKERS", 2)?;
+        if http_threads == 0 || publish_workers == 0 {
+            return Err("thread counts must be at least 1".into());
+        }
+        Ok(Config {
+            listen,
+            data_dir: PathBuf::from(data_dir),
+            tls_cert,
+            tls_key,
+            metrics_listen,
+            upload_ttl: duration(a.upload_ttl, "IMGSRV_UPLOAD_TTL", "24h", "upload TTL")?,
+            sweep_interval: duration(
+                a.sweep_interval,
+                "IMGSRV_SWEEP_INTERVAL",
+                "1m",
+                "sweep interval",
+            )?,
+            log_format,
+            verbosity: number(a.verbosity, "IMGSRV_VERBOSITY", 2)?,
+            http_threads,
+            publish_workers,
+            cache_bytes: cache_mib.max(1) * 1024 * 1024,
+        })
+    }
+}

@@ -1,0 +1,111 @@
+//! Background work: the publish-job worker pool (fed by a bounded crossbeam channel) and the
+//! sweeper that aborts expired upload sessions and collects unreferenced blobs.
+
+use crate::clock::Timestamp;
+use crate::log;
+use crate::model::StepName;
+use crate::store::Store;
+use crate::store::jobs::NextStep;
+use crossbeam_channel::Receiver;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// Starts `n` publish workers that run each job received on `rx` to its end.
+pub fn start_workers(store: Arc<Store>, rx: Receiver<Uuid>, n: usize, stop: Arc<AtomicBool>) {
+    for i in 0..n.max(1) {
+        let store = store.clone();
+        let rx = rx.clone();
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name(format!("publish-{i}"))
+            .spawn(move || {
+                for id in rx.iter() {
+                    if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    run_job(&store, id, &stop);
+                }
+            })
+            .expect("spawning a publish worker");
+    }
+}
+
+/// Runs a job's steps in sequence until it succeeds, fails or the server stops. Each step
+/// boundary is a safe stopping point: an unfinished job resumes at the next start.
+pub fn run_job(store: &Store, id: Uuid, stop: &AtomicBool) {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let step = match store.claim_next_step(id) {
+            Ok(NextStep::Run(step)) => step,
+            Ok(NextStep::Done) => return,
+            Err(e) => {
+                log::error(&format!("publish job {id}: claiming a step failed: {e}"));
+                return;
+            }
+        };
+        let started = std::time::Instant::now();
+        let outcome = match step {
+            StepName::ValidateCatalog => store
+                .validate_for_publish(id)
+                .and_then(|_| store.step_succeeded(id, step)),
+            StepName::IncusIndex => store
+                .index_for_incus(id, &|| stop.load(Ordering::SeqCst))
+                .and_then(|_| store.step_succeeded(id, step)),
+            StepName::FinalizePublish => store.finalize_publish(id),
+        };
+        let fields = [
+            ("job_id", id.to_string()),
+            ("step", step.to_string()),
+            (
+                "duration_ms",
+                format!("{:.1}", started.elapsed().as_secs_f64() * 1000.0),
+            ),
+        ];
+        match outcome {
+            Ok(()) => log::event("info", 1, "publish step succeeded", &fields),
+            Err(e) if stop.load(Ordering::SeqCst) => {
+                log::event(
+                    "info",
+                    1,
+                    &format!("publish step interrupted by shutdown: {e}"),
+                    &fields,
+                );
+                return;
+            }
+            Err(e) => {
+                log::event("warn", 0, &format!("publish step failed: {e}"), &fields);
+                if let Err(e2) = store.step_failed(id, step, &e.detail) {
+                    log::error(&format!("publish job {id}: recording failure failed: {e2}"));
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// Every `interval`, aborts expired upload sessions and deletes unreferenced blobs.
+pub fn start_sweeper(store: Arc<Store>, interval: Duration, stop: Arc<AtomicBool>) {
+    std::thread::Builder::new()
+        .name("sweeper".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(interval);
+                let now = Timestamp::now();
+                match store.sweep_expired_uploads(now) {
+                    Ok(0) => {}
+                    Ok(n) => log::info(&format!("sweeper aborted {n} expired upload sessions")),
+                    Err(e) => log::error(&format!("sweeping uploads failed: {e}")),
+                }
+                match store.collect_garbage(now) {
+                    Ok(0) => {}
+                    Ok(n) => log::info(&format!("garbage collection deleted {n} blobs")),
+                    Err(e) => log::error(&format!("garbage collection failed: {e}")),
+                }
+            }
+        })
+        .expect("spawning the sweeper");
+}

@@ -1,0 +1,17 @@
+//! imgsrv: stores, publishes and serves VM and disk images from one redb database.
+//!
+//! The README's ARCHITECTURE section is the map of these modules and their invariants.
+
+pub mod api;
+pub mod cli;
+pub mod clock;
+pub mod config;
+pub mod daemon;
+pub mod error;
+pub mod http;
+pub mod jobs;
+pub mod log;
+pub mod model;
+pub mod server;
+pub mod store;
+pub mod validate;

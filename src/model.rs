@@ -1,0 +1,251 @@
+//! The catalog's records. Each is stored as JSON in its redb table and is also the wire
+//! representation of API.md section 5, so what is stored is exactly what clients see.
+//! Optional members are omitted when unset, never `null`.
+
+use crate::clock::Timestamp;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! string_enum {
+    ($name:ident { $($variant:ident => $text:literal),* $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),* }
+        impl $name {
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),* }
+            }
+        }
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(UploadState {
+    Created => "created",
+    Uploading => "uploading",
+    Completed => "completed",
+    Ingesting => "ingesting",
+    Ready => "ready",
+    Failed => "failed",
+    Aborted => "aborted",
+});
+
+string_enum!(VersionState {
+    Draft => "draft",
+    Publishing => "publishing",
+    Published => "published",
+});
+
+string_enum!(JobState {
+    Queued => "queued",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+});
+
+string_enum!(StepState {
+    Queued => "queued",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Skipped => "skipped",
+});
+
+string_enum!(StepName {
+    ValidateCatalog => "validate_catalog",
+    IncusIndex => "incus_index",
+    FinalizePublish => "finalize_publish",
+});
+
+string_enum!(PrincipalKind {
+    User => "user",
+    Service => "service",
+});
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadSession {
+    pub id: Uuid,
+    pub expected_digest: String,
+    pub expected_size_bytes: i64,
+    pub state: UploadState,
+    pub expires_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub media_type_hint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub filename_hint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failure_message: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UploadPart {
+    pub upload_id: Uuid,
+    pub part_number: u32,
+    pub etag: String,
+    pub size_bytes: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Image {
+    pub id: Uuid,
+    pub name: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub display_name: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub description: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageVersion {
+    pub id: Uuid,
+    pub image_id: Uuid,
+    pub version: String,
+    pub state: VersionState,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub published_at: Option<Timestamp>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Artifact {
+    pub id: Uuid,
+    pub version_id: Uuid,
+    pub variant: String,
+    pub operating_system: String,
+    pub architecture: String,
+    pub format: String,
+    pub primary_blob_digest: String,
+    pub primary_blob_size_bytes: i64,
+    pub primary_media_type: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Attachment {
+    pub id: Uuid,
+    pub artifact_id: Uuid,
+    pub name: String,
+    pub media_type: String,
+    pub blob_digest: String,
+    pub blob_size_bytes: i64,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Alias {
+    pub id: Uuid,
+    pub image_id: Uuid,
+    pub alias: String,
+    pub version_id: Uuid,
+    pub version: String,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ArtifactWithAttachments {
+    pub artifact: Artifact,
+    pub attachments: Vec<Attachment>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub image: Image,
+    pub version: ImageVersion,
+    pub artifacts: Vec<ArtifactWithAttachments>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishJob {
+    pub id: Uuid,
+    pub version_id: Uuid,
+    pub image_name: String,
+    pub version: String,
+    pub state: JobState,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub started_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub finished_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failure_message: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+    pub steps: Vec<PublishJobStep>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishJobStep {
+    pub id: Uuid,
+    pub job_id: Uuid,
+    pub name: StepName,
+    pub state: StepState,
+    pub blocking: bool,
+    pub sequence: i64,
+    pub attempt_count: i64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub started_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub finished_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub failure_message: Option<String>,
+    pub created_at: Timestamp,
+    pub updated_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthRole {
+    pub id: &'static str,
+    pub display_name: &'static str,
+    pub description: &'static str,
+    pub actions: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthPrincipal {
+    pub id: Uuid,
+    pub kind: PrincipalKind,
+    pub display_name: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub attributes: Option<serde_json::Map<String, serde_json::Value>>,
+    pub role_ids: Vec<String>,
+}
+
+/// An API token as stored: the public view plus the sha256 of its secret.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredToken {
+    #[serde(flatten)]
+    pub token: AuthApiToken,
+    pub secret_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AuthApiToken {
+    pub id: Uuid,
+    pub principal_id: Uuid,
+    pub name: String,
+    pub expires_at: Timestamp,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_used_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub revoked_at: Option<Timestamp>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub plaintext: Option<String>,
+}
+
+/// What the `incus_index` publish step records for one eligible artifact; the Simple Streams
+/// renderer reads these rows instead of opening blobs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncusRow {
+    pub artifact_id: Uuid,
+    pub attachment_id: Uuid,
+    /// Hex sha256 of the `incus.tar.xz` bytes followed by the disk bytes (the Incus fingerprint).
+    pub combined_sha256: String,
+}

@@ -1,0 +1,249 @@
+//! Blobs: verified byte strings addressed by their sha256, stored as ordered chunk lists.
+//!
+//! Blob record layout (value of `BLOBS`), big-endian:
+//! `u8 layout version (1) | u64 size | i64 verified_at (unix seconds) | u16 media type length |
+//!  media type bytes | u32 chunk count | count x (32-byte chunk sha256, u32 chunk length)`.
+
+use super::chunks::{self, ChunkRef};
+use super::tables::{BLOB_REFS, BLOBS, CHUNKS};
+use super::{Store, begin_write_scope};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use redb::{ReadOnlyTable, ReadableTable, WriteTransaction};
+use sha2::{Digest, Sha256};
+use std::io::{self, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Counts chunks that failed verification while being served (exported as a metric).
+pub static VERIFY_FAILURES: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Debug, Clone)]
+pub struct BlobRecord {
+    pub size: u64,
+    pub verified_at: Timestamp,
+    pub media_type: Option<String>,
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl BlobRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mt = self.media_type.as_deref().unwrap_or("").as_bytes();
+        let mut out = Vec::with_capacity(23 + mt.len() + self.chunks.len() * 36);
+        out.push(1);
+        out.extend_from_slice(&self.size.to_be_bytes());
+        out.extend_from_slice(&self.verified_at.unix_seconds().to_be_bytes());
+        out.extend_from_slice(&(mt.len() as u16).to_be_bytes());
+        out.extend_from_slice(mt);
+        chunks::encode_list(&mut out, &self.chunks);
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> Result<BlobRecord> {
+        let bad = || Error::internal("stored blob record is unreadable");
+        if b.first() != Some(&1) || b.len() < 19 {
+            return Err(bad());
+        }
+        let size = u64::from_be_bytes(b[1..9].try_into().unwrap());
+        let verified = i64::from_be_bytes(b[9..17].try_into().unwrap());
+        let mt_len = u16::from_be_bytes(b[17..19].try_into().unwrap()) as usize;
+        let mt = b.get(19..19 + mt_len).ok_or_else(bad)?;
+        let media_type = if mt.is_empty() {
+            None
+        } else {
+            Some(String::from_utf8(mt.to_vec()).map_err(|_| bad())?)
+        };
+        let (chunks, _) = chunks::decode_list(&b[19 + mt_len..])?;
+        Ok(BlobRecord {
+            size,
+            verified_at: Timestamp::from_unix_seconds(verified),
+            media_type,
+            chunks,
+        })
+    }
+}
+
+/// Looks up a trusted blob inside an existing transaction.
+pub fn get_in(
+    table: &impl ReadableTable<&'static [u8; 32], &'static [u8]>,
+    digest: &[u8; 32],
+) -> Result<Option<BlobRecord>> {
+    match table.get(digest)? {
+        Some(v) => Ok(Some(BlobRecord::decode(v.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// Adjusts the number of catalog references to a digest (artifacts and attachments).
+pub fn change_refs(txn: &WriteTransaction, digest: &[u8; 32], delta: i64) -> Result<()> {
+    let mut refs = txn.open_table(BLOB_REFS)?;
+    let (count, hold) = refs.get(digest)?.map(|v| v.value()).unwrap_or((0, 0));
+    let count = (count as i64 + delta).max(0) as u64;
+    refs.insert(digest, (count, hold))?;
+    drop(refs);
+    if count == 0 {
+        collect_if_unused(txn, digest, Timestamp::now())?;
+    }
+    Ok(())
+}
+
+/// Keeps a blob alive at least until `until` (a ready upload session's expiry).
+pub fn hold_until(txn: &WriteTransaction, digest: &[u8; 32], until: Timestamp) -> Result<()> {
+    let mut refs = txn.open_table(BLOB_REFS)?;
+    let (count, hold) = refs.get(digest)?.map(|v| v.value()).unwrap_or((0, 0));
+    refs.insert(digest, (count, hold.max(until.unix_seconds())))?;
+    Ok(())
+}
+
+/// Deletes a blob and releases its chunks when no catalog row references it and no ready
+/// upload session holds it any more. Returns whether it was deleted.
+pub fn collect_if_unused(
+    txn: &WriteTransaction,
+    digest: &[u8; 32],
+    now: Timestamp,
+) -> Result<bool> {
+    let mut refs = txn.open_table(BLOB_REFS)?;
+    let (count, hold) = refs.get(digest)?.map(|v| v.value()).unwrap_or((0, 0));
+    if count > 0 || hold > now.unix_seconds() {
+        return Ok(false);
+    }
+    refs.remove(digest)?;
+    let mut blobs = txn.open_table(BLOBS)?;
+    let record = match blobs.remove(digest)? {
+        Some(v) => BlobRecord::decode(v.value())?,
+        None => return Ok(false),
+    };
+    drop(blobs);
+    chunks::release(txn, &record.chunks)?;
+    Ok(true)
+}
+
+impl Store {
+    pub fn blob(&self, digest: &[u8; 32]) -> Result<Option<BlobRecord>> {
+        let txn = self.begin_read()?;
+        get_in(&txn.open_table(BLOBS)?, digest)
+    }
+
+    /// Opens a verified reader over a blob's chunks. The reader owns its read transaction's
+    /// table, so it never blocks writers and sees one consistent snapshot.
+    pub fn blob_reader(&self, record: &BlobRecord, digest: &[u8; 32]) -> Result<BlobReader> {
+        let txn = self.begin_read()?;
+        Ok(BlobReader {
+            chunks: txn.open_table(CHUNKS)?,
+            list: record.chunks.clone(),
+            digest: *digest,
+            verify_chunks: true,
+        })
+    }
+
+    /// A reader over a chunk list that is not (yet) a blob, such as assembled upload parts.
+    /// Chunk checks are skipped because the caller verifies the digest of the whole.
+    pub fn assembly_reader(&self, list: Vec<ChunkRef>, digest: &[u8; 32]) -> Result<BlobReader> {
+        let txn = self.begin_read()?;
+        Ok(BlobReader {
+            chunks: txn.open_table(CHUNKS)?,
+            list,
+            digest: *digest,
+            verify_chunks: false,
+        })
+    }
+
+    /// Deletes unreferenced blobs whose hold has passed. Returns how many were deleted.
+    pub fn collect_garbage(&self, now: Timestamp) -> Result<usize> {
+        let candidates: Vec<[u8; 32]> = {
+            let txn = self.begin_read()?;
+            let refs = txn.open_table(BLOB_REFS)?;
+            let mut out = Vec::new();
+            for row in refs.iter()? {
+                let (k, v) = row?;
+                let (count, hold) = v.value();
+                if count == 0 && hold <= now.unix_seconds() {
+                    out.push(*k.value());
+                }
+            }
+            out
+        };
+        let mut deleted = 0;
+        for digest in candidates {
+            begin_write_scope(self, |txn| {
+                if collect_if_unused(txn, &digest, now)? {
+                    deleted += 1;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// Streams a byte range of a blob, verifying each chunk against its sha256 before any of its
+/// bytes are written.
+pub struct BlobReader {
+    chunks: ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
+    list: Vec<ChunkRef>,
+    digest: [u8; 32],
+    verify_chunks: bool,
+}
+
+impl BlobReader {
+    /// Writes bytes `start..end` (exclusive) to `out`. A chunk that is missing or fails its
+    /// digest ends the stream with an error before any of its bytes are sent, so a client sees
+    /// a short body, never wrong bytes.
+    pub fn write_range(&self, out: &mut dyn Write, start: u64, end: u64) -> io::Result<()> {
+        let mut offset = 0u64;
+        for c in &self.list {
+            let c_start = offset;
+            let c_end = offset + c.len as u64;
+            offset = c_end;
+            if c_end <= start {
+                continue;
+            }
+            if c_start >= end {
+                break;
+            }
+            let guard = self
+                .chunks
+                .get(&c.hash)
+                .map_err(|e| io::Error::other(format!("reading chunk: {e}")))?;
+            let Some(guard) = guard else {
+                return Err(self.fail("missing chunk"));
+            };
+            let data = guard.value();
+            if data.len() != c.len as usize
+                || (self.verify_chunks && Sha256::digest(data).as_slice() != c.hash)
+            {
+                return Err(self.fail("chunk failed sha256 verification"));
+            }
+            let a = start.saturating_sub(c_start) as usize;
+            let b = (end.min(c_end) - c_start) as usize;
+            out.write_all(&data[a..b])?;
+        }
+        Ok(())
+    }
+
+    fn fail(&self, what: &str) -> io::Error {
+        VERIFY_FAILURES.fetch_add(1, Ordering::Relaxed);
+        let digest = crate::validate::digest_string(&self.digest);
+        crate::log::error(&format!(
+            "{what} while serving blob {digest}; download cut short"
+        ));
+        io::Error::other(format!("{what} in blob {digest}"))
+    }
+
+    /// Hashes the whole blob (used to verify an assembled upload and for Incus fingerprints).
+    pub fn hash_into(&self, hasher: &mut Sha256) -> io::Result<u64> {
+        struct HashWriter<'a>(&'a mut Sha256, u64);
+        impl Write for HashWriter<'_> {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.update(b);
+                self.1 += b.len() as u64;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut w = HashWriter(hasher, 0);
+        self.write_range(&mut w, 0, u64::MAX)?;
+        Ok(w.1)
+    }
+}

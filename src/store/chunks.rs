@@ -1,0 +1,117 @@
+//! Content-addressed chunks with reference counts.
+//!
+//! A chunk is at most `CHUNK_SIZE` bytes, keyed by its sha256. redb never splits a value
+//! across pages and rounds a value's page up to a power of two, so a chunk of exactly 1 MiB
+//! would occupy 2 MiB on disk; 1 MiB - 64 bytes leaves room for the key and the page header
+//! and costs about 3 %.
+
+use super::tables::{CHUNK_REFS, CHUNKS};
+use crate::error::{Error, Result};
+use redb::{ReadableTable, WriteTransaction};
+use sha2::{Digest, Sha256};
+
+pub const CHUNK_SIZE: usize = 1024 * 1024 - 64;
+
+/// One entry of a chunk list: the chunk's sha256 and its length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub hash: [u8; 32],
+    pub len: u32,
+}
+
+impl ChunkRef {
+    pub const ENCODED_LEN: usize = 36;
+
+    pub fn of(data: &[u8]) -> ChunkRef {
+        ChunkRef {
+            hash: Sha256::digest(data).into(),
+            len: data.len() as u32,
+        }
+    }
+
+    pub fn encode(&self) -> [u8; 36] {
+        let mut out = [0u8; 36];
+        out[..32].copy_from_slice(&self.hash);
+        out[32..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    pub fn decode(b: &[u8]) -> ChunkRef {
+        let mut hash = [0u8; 32];
+        hash.copy_from_slice(&b[..32]);
+        ChunkRef {
+            hash,
+            len: u32::from_be_bytes([b[32], b[33], b[34], b[35]]),
+        }
+    }
+}
+
+pub fn encode_list(out: &mut Vec<u8>, list: &[ChunkRef]) {
+    out.extend_from_slice(&(list.len() as u32).to_be_bytes());
+    for c in list {
+        out.extend_from_slice(&c.encode());
+    }
+}
+
+/// Decodes a count-prefixed chunk list; returns the list and the bytes consumed.
+pub fn decode_list(b: &[u8]) -> Result<(Vec<ChunkRef>, usize)> {
+    let bad = || Error::internal("stored chunk list is truncated");
+    let n = u32::from_be_bytes(b.get(..4).ok_or_else(bad)?.try_into().unwrap()) as usize;
+    let end = 4 + n * ChunkRef::ENCODED_LEN;
+    let body = b.get(4..end).ok_or_else(bad)?;
+    Ok((
+        body.chunks_exact(ChunkRef::ENCODED_LEN)
+            .map(ChunkRef::decode)
+            .collect(),
+        end,
+    ))
+}
+
+/// Stores a chunk (or finds it already stored) and takes one reference to it.
+pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<()> {
+    let mut refs = txn.open_table(CHUNK_REFS)?;
+    let count = refs.get(&chunk.hash)?.map(|v| v.value()).unwrap_or(0);
+    if count == 0 {
+        let mut chunks = txn.open_table(CHUNKS)?;
+        chunks.insert(&chunk.hash, data)?;
+    }
+    refs.insert(&chunk.hash, count + 1)?;
+    Ok(())
+}
+
+/// Takes one more reference to each chunk of a list that is already stored.
+pub fn add_refs(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
+    let mut refs = txn.open_table(CHUNK_REFS)?;
+    for c in list {
+        let count = refs.get(&c.hash)?.map(|v| v.value()).unwrap_or(0);
+        if count == 0 {
+            return Err(Error::internal(
+                "chunk list names a chunk that is not stored",
+            ));
+        }
+        refs.insert(&c.hash, count + 1)?;
+    }
+    Ok(())
+}
+
+/// Drops one reference to each chunk of a list, deleting chunks nobody references any more.
+/// Runs inside the caller's serializable write transaction, so no concurrent upload can take a
+/// reference between the count reaching zero and the delete.
+pub fn release(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
+    let mut refs = txn.open_table(CHUNK_REFS)?;
+    let mut chunks = txn.open_table(CHUNKS)?;
+    for c in list {
+        let count = refs.get(&c.hash)?.map(|v| v.value()).unwrap_or(0);
+        match count {
+            0 => {}
+            1 => {
+                refs.remove(&c.hash)?;
+                chunks.remove(&c.hash)?;
+            }
+            n => {
+                refs.insert(&c.hash, n - 1)?;
+            }
+        }
+    }
+    Ok(())
+}

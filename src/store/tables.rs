@@ -1,0 +1,78 @@
+//! Every redb table, with its key encoding and value layout. This file and the README's
+//! on-disk-format section are the specification of the database file; change both together
+//! and bump `SCHEMA_VERSION` with an explicit upgrade when a layout changes.
+//!
+//! Conventions: UUIDs are keys as `u128` (big-endian order of the canonical form, so range
+//! scans over a prefix tuple work); digests are keys as their 32 raw sha256 bytes; catalog
+//! records are JSON (the wire form of API.md section 5, see `model.rs`); integers inside
+//! binary values are big-endian.
+
+use redb::TableDefinition;
+
+/// Bumped whenever a table layout changes. Checked at open; a mismatch refuses to start.
+pub const SCHEMA_VERSION: u64 = 1;
+
+/// `"schema_version"` -> u64, `"generation"` -> u64 (bumped by every change that affects
+/// what consumers see in the catalog or Simple Streams).
+pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// sha256(chunk) -> the chunk's bytes (at most `CHUNK_SIZE`). Verified against the key
+/// whenever read.
+pub const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
+/// sha256(chunk) -> number of references (blob chunk lists, upload parts, staging rows).
+/// The chunk row and this row are deleted together when the count reaches zero.
+pub const CHUNK_REFS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_refs");
+
+/// sha256(blob) -> blob record (see `blobs.rs`: size, verification time, media type and the
+/// ordered chunk list). Only verified ("trusted") blobs have a row.
+pub const BLOBS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("blobs");
+/// sha256(blob) -> (catalog references, hold-until unix seconds). Counts the artifacts and
+/// attachments that name the digest (drafts too, even before the blob exists). A blob with
+/// zero references whose hold time has passed is garbage; the hold is the expiry of the
+/// latest `ready` upload session for the digest, so a fresh upload survives until used.
+pub const BLOB_REFS: TableDefinition<&[u8; 32], (u64, i64)> = TableDefinition::new("blob_refs");
+
+/// upload id -> UploadSession JSON.
+pub const UPLOADS: TableDefinition<u128, &[u8]> = TableDefinition::new("uploads");
+/// (upload id, part number) -> part record (see `uploads.rs`: size, sha256, chunk list).
+pub const PARTS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("upload_parts");
+/// (part write nonce, chunk index) -> 36-byte chunk reference (sha256 + u32 length) of a part
+/// still streaming in. Each row holds one chunk reference. Rows left by a crash are released
+/// at the next start.
+pub const STAGING: TableDefinition<(u128, u32), &[u8; 36]> = TableDefinition::new("part_staging");
+
+/// image id -> Image JSON.
+pub const IMAGES: TableDefinition<u128, &[u8]> = TableDefinition::new("images");
+/// image name -> image id.
+pub const IMAGE_NAMES: TableDefinition<&str, u128> = TableDefinition::new("image_names");
+/// version id -> ImageVersion JSON.
+pub const VERSIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("versions");
+/// (image id, version string) -> version id.
+pub const VERSION_KEYS: TableDefinition<(u128, &str), u128> = TableDefinition::new("version_keys");
+/// artifact id -> Artifact JSON.
+pub const ARTIFACTS: TableDefinition<u128, &[u8]> = TableDefinition::new("artifacts");
+/// (version id, artifact id) -> (): the artifacts of a version.
+pub const VERSION_ARTIFACTS: TableDefinition<(u128, u128), ()> =
+    TableDefinition::new("version_artifacts");
+/// attachment id -> Attachment JSON.
+pub const ATTACHMENTS: TableDefinition<u128, &[u8]> = TableDefinition::new("attachments");
+/// (artifact id, attachment id) -> (): the attachments of an artifact.
+pub const ARTIFACT_ATTACHMENTS: TableDefinition<(u128, u128), ()> =
+    TableDefinition::new("artifact_attachments");
+/// (image id, alias name) -> Alias JSON.
+pub const ALIASES: TableDefinition<(u128, &str), &[u8]> = TableDefinition::new("aliases");
+
+/// job id -> PublishJob JSON (steps included).
+pub const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("publish_jobs");
+/// version id -> job id (at most one job per version, ever).
+pub const VERSION_JOBS: TableDefinition<u128, u128> = TableDefinition::new("version_jobs");
+/// (version id, artifact id) -> IncusRow JSON, written by the `incus_index` step.
+pub const INCUS_ROWS: TableDefinition<(u128, u128), &[u8]> = TableDefinition::new("incus_rows");
+/// (metadata blob sha256, disk blob sha256) -> combined sha256, so each pair is hashed once.
+pub const COMBINED: TableDefinition<(&[u8; 32], &[u8; 32]), &[u8; 32]> =
+    TableDefinition::new("combined_hashes");
+
+/// principal id -> AuthPrincipal JSON.
+pub const PRINCIPALS: TableDefinition<u128, &[u8]> = TableDefinition::new("principals");
+/// token id -> StoredToken JSON (the secret's sha256 only, never the secret).
+pub const TOKENS: TableDefinition<u128, &[u8]> = TableDefinition::new("api_tokens");

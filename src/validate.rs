@@ -1,0 +1,138 @@
+//! The patterns of API.md section 1.1, written as small hand-checked predicates (they are
+//! simple character classes, so a regex engine would be a dependency without a benefit).
+
+fn bytes_match(s: &str, max_len: usize, first: fn(u8) -> bool, rest: fn(u8) -> bool) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty() && b.len() <= max_len && first(b[0]) && b[1..].iter().all(|&c| rest(c))
+}
+
+fn lower_alnum(c: u8) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit()
+}
+
+pub const IMAGE_NAME_PATTERN: &str = "^[a-z0-9][a-z0-9._-]{0,127}$";
+pub const VERSION_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$";
+pub const ALIAS_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$";
+pub const TOKEN_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$";
+
+/// `^[a-z0-9][a-z0-9._-]{0,127}$`
+pub fn image_name(s: &str) -> bool {
+    bytes_match(s, 128, lower_alnum, |c| {
+        lower_alnum(c) || matches!(c, b'.' | b'_' | b'-')
+    })
+}
+
+/// `^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$`
+pub fn version(s: &str) -> bool {
+    bytes_match(
+        s,
+        128,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b':' | b'-'),
+    )
+}
+
+/// `^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`
+pub fn alias(s: &str) -> bool {
+    bytes_match(
+        s,
+        64,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'),
+    )
+}
+
+/// `^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$`: variant, operating system, architecture, attachment name.
+pub fn token(s: &str) -> bool {
+    bytes_match(
+        s,
+        64,
+        |c| c.is_ascii_alphanumeric(),
+        |c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'),
+    )
+}
+
+/// `^sha256:[0-9a-f]{64}$`
+pub fn digest(s: &str) -> bool {
+    s.len() == 71
+        && s.starts_with("sha256:")
+        && s[7..]
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+}
+
+pub const FORMATS: [&str; 3] = ["raw", "raw.gz", "qcow2"];
+
+/// Non-blank after trimming ASCII whitespace.
+pub fn non_blank(s: &str) -> bool {
+    !s.trim_matches(|c: char| c.is_ascii_whitespace()).is_empty()
+}
+
+/// Decodes a `sha256:<hex>` digest into its 32 bytes (the store's key form).
+pub fn digest_bytes(s: &str) -> Option<[u8; 32]> {
+    if !digest(s) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.as_bytes()[7..].chunks(2).enumerate() {
+        let hi = (pair[0] as char).to_digit(16)?;
+        let lo = (pair[1] as char).to_digit(16)?;
+        out[i] = (hi * 16 + lo) as u8;
+    }
+    Some(out)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+pub fn digest_string(bytes: &[u8; 32]) -> String {
+    format!("sha256:{}", hex(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        let cases: &[(fn(&str) -> bool, &str, bool)] = &[
+            (image_name, "debian-bookworm", true),
+            (image_name, "Debian", false),
+            (image_name, "-x", false),
+            (image_name, "a.b_c-d", true),
+            (image_name, &"a".repeat(128), true),
+            (image_name, &"a".repeat(129), false),
+            (image_name, "", false),
+            (version, "12.5.0+build:1", true),
+            (version, "_1", false),
+            (version, "1 2", false),
+            (alias, "latest", true),
+            (alias, "v1+x", false),
+            (alias, "a:b", false),
+            (alias, &"a".repeat(65), false),
+            (token, "x86_64", true),
+            (token, "arm64+v8", true),
+            (token, "a/b", false),
+            (digest, &format!("sha256:{}", "a".repeat(64)), true),
+            (digest, &format!("sha256:{}", "A".repeat(64)), false),
+            (digest, &format!("sha256:{}", "a".repeat(63)), false),
+            (digest, "md5:00", false),
+        ];
+        for (f, input, want) in cases {
+            assert_eq!(f(input), *want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn digest_round_trip() {
+        let d = format!("sha256:{}", "0123456789abcdef".repeat(4));
+        assert_eq!(digest_string(&digest_bytes(&d).unwrap()), d);
+    }
+}

@@ -1,0 +1,6 @@
+//! The integration suite: one test binary (so the server binary is built once), one module per
+//! theme. Every test starts the real binary on an ephemeral loopback port with its own redb file.
+
+mod util;
+
+mod smoke;

@@ -1,0 +1,484 @@
+//! Shared helpers for the integration tests: start the real binary on an ephemeral loopback
+//! port with a fresh data directory, talk raw HTTP/1.1 to it, and set up the usual fixtures
+//! (a content-writer token, an uploaded blob, a published version).
+#![allow(dead_code)]
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Mirrors `store::chunks::CHUNK_SIZE` (1 MiB - 64 bytes).
+pub const CHUNK_SIZE: usize = 1024 * 1024 - 64;
+
+/// The binary under test: `IMGSRV_BIN` (e.g. the static musl build) or Cargo's debug build.
+pub fn binary() -> PathBuf {
+    std::env::var_os("IMGSRV_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_imgsrv")))
+}
+
+/// A running imgsrv process with its own data directory.
+pub struct Server {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    pub child: Option<Child>,
+    pub log: Arc<Mutex<String>>,
+    pub extra: Vec<String>,
+}
+
+impl Server {
+    pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts with extra `serve` flags (e.g. `["--upload-ttl", "2s"]`).
+    pub fn start_with(extra: &[&str]) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut s = Server {
+            dir,
+            addr: String::new(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("imgsrv.redb")
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(self.dir.path())
+            .args(["--metrics-listen", ""])
+            .args(["--sweep-interval", "1s"])
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawning imgsrv");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log = self.log.clone();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if !sent && let Some(i) = line.find("listening on http://") {
+                    let addr = line[i + "listening on http://".len()..]
+                        .split_whitespace()
+                        .next()
+                        .unwrap_or("")
+                        .to_string();
+                    let _ = tx.send(addr);
+                    sent = true;
+                }
+                let mut l = log.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(20))
+            .unwrap_or_else(|_| panic!("imgsrv did not start; log:\n{}", self.log.lock().unwrap()));
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    /// SIGKILL: the crash every durability test simulates.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Restarts on the same data directory (after `kill9`).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn bootstrap_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bootstrap-token"))
+            .expect("bootstrap-token file")
+            .trim()
+            .to_string()
+    }
+
+    /// Sends one request (with `Connection: close`) and reads the whole response.
+    pub fn request(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+        raw_request(&self.addr, method, path, headers, Some(body))
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, &[], b"")
+    }
+
+    pub fn head(&self, path: &str) -> Resp {
+        self.request("HEAD", path, &[], b"")
+    }
+
+    pub fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Resp {
+        self.request("GET", path, headers, b"")
+    }
+
+    /// An authenticated request with a JSON body (`Value::Null` sends no body).
+    pub fn call(&self, method: &str, path: &str, token: &str, body: &Value) -> Resp {
+        let auth = format!("Bearer {token}");
+        let bytes = if body.is_null() {
+            Vec::new()
+        } else {
+            serde_json::to_vec(body).unwrap()
+        };
+        self.request(
+            method,
+            path,
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
+            &bytes,
+        )
+    }
+
+    /// A principal with the content-writer role and a token for it.
+    pub fn writer_token(&self) -> String {
+        self.token_with_roles(&["content-writer"])
+    }
+
+    pub fn token_with_roles(&self, roles: &[&str]) -> String {
+        let admin = self.bootstrap_token();
+        let p = self.call(
+            "POST",
+            "/v1/auth/principals",
+            &admin,
+            &json!({"kind": "service", "display_name": "test"}),
+        );
+        assert_eq!(p.status, 201, "{}", p.text());
+        let id = p.json()["id"].as_str().unwrap().to_string();
+        for r in roles {
+            let r = self.call(
+                "PUT",
+                &format!("/v1/auth/principals/{id}/roles/{r}"),
+                &admin,
+                &Value::Null,
+            );
+            assert_eq!(r.status, 204, "{}", r.text());
+        }
+        let t = self.call(
+            "POST",
+            &format!("/v1/auth/principals/{id}/api-tokens"),
+            &admin,
+            &json!({"name": "t", "expires_at": "2099-01-01T00:00:00Z"}),
+        );
+        assert_eq!(t.status, 201, "{}", t.text());
+        t.json()["plaintext"].as_str().unwrap().to_string()
+    }
+
+    /// Uploads `data` as the given parts (byte ranges, uploaded in the given order) and completes.
+    /// Returns the final session JSON.
+    pub fn upload_parts(
+        &self,
+        token: &str,
+        data: &[u8],
+        parts: &[(u32, std::ops::Range<usize>)],
+    ) -> Value {
+        let digest = sha256_digest(data);
+        let begin = self.call(
+            "POST",
+            "/v1/uploads",
+            token,
+            &json!({"expected_digest": digest, "expected_size_bytes": data.len()}),
+        );
+        assert!(
+            begin.status == 201 || begin.status == 200,
+            "{}",
+            begin.text()
+        );
+        let session = begin.json();
+        if session["state"] == "ready" {
+            return session;
+        }
+        let id = session["id"].as_str().unwrap().to_string();
+        let mut listed = Vec::new();
+        for (n, range) in parts {
+            let auth = format!("Bearer {token}");
+            let r = self.request(
+                "PUT",
+                &format!("/v1/uploads/{id}/parts/{n}"),
+                &[("Authorization", &auth)],
+                &data[range.clone()],
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+            listed.push(json!({"number": n, "etag": r.json()["etag"], "size_bytes": range.len()}));
+        }
+        let c = self.call(
+            "POST",
+            &format!("/v1/uploads/{id}/complete"),
+            token,
+            &json!({"parts": listed}),
+        );
+        assert_eq!(c.status, 200, "{}", c.text());
+        c.json()
+    }
+
+    /// Uploads `data` in one part; asserts it ends `ready`. Returns its digest.
+    pub fn upload(&self, token: &str, data: &[u8]) -> String {
+        let s = self.upload_parts(token, data, &[(1, 0..data.len())]);
+        assert_eq!(s["state"], "ready", "{s}");
+        sha256_digest(data)
+    }
+
+    /// Creates image/version/artifact (qcow2, x86_64) plus an `incus.tar.xz` attachment from
+    /// the given bytes, publishes and waits for success. Returns the manifest.
+    pub fn publish_image(
+        &self,
+        token: &str,
+        image: &str,
+        version: &str,
+        disk: &[u8],
+        meta: &[u8],
+    ) -> Value {
+        let d = self.upload(token, disk);
+        let m = self.upload(token, meta);
+        let r = self.call("POST", "/v1/images", token, &json!({"name": image}));
+        assert!(r.status == 201 || r.status == 409, "{}", r.text());
+        let r = self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions"),
+            token,
+            &json!({"version": version}),
+        );
+        assert_eq!(r.status, 201, "{}", r.text());
+        let a = self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions/{version}/artifacts"),
+            token,
+            &json!({"operating_system": "debian", "architecture": "x86_64", "format": "qcow2",
+                    "primary_blob_digest": d, "primary_blob_size_bytes": disk.len(),
+                    "primary_media_type": "application/x-qemu-disk"}),
+        );
+        assert_eq!(a.status, 201, "{}", a.text());
+        let aid = a.json()["id"].as_str().unwrap().to_string();
+        let t = self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions/{version}/artifacts/{aid}/attachments"),
+            token,
+            &json!({"name": "incus.tar.xz", "media_type": "application/x-xz", "blob_digest": m, "blob_size_bytes": meta.len()}),
+        );
+        assert_eq!(t.status, 201, "{}", t.text());
+        let p = self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions/{version}/publish"),
+            token,
+            &Value::Null,
+        );
+        assert_eq!(p.status, 202, "{}", p.text());
+        let job = p.json()["id"].as_str().unwrap().to_string();
+        let done = self.wait_job(token, &job);
+        assert_eq!(done["state"], "succeeded", "{done}");
+        self.get(&format!("/v1/images/{image}/versions/{version}"))
+            .json()
+    }
+
+    /// Polls a publish job until it leaves queued/running (30 s limit).
+    pub fn wait_job(&self, token: &str, job: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let j = self
+                .call(
+                    "GET",
+                    &format!("/v1/publish-jobs/{job}"),
+                    token,
+                    &Value::Null,
+                )
+                .json();
+            if j["state"] != "queued" && j["state"] != "running" {
+                return j;
+            }
+            assert!(Instant::now() < deadline, "job did not finish: {j}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    /// Asserts a problem+json error with this status whose detail contains `detail`.
+    pub fn assert_problem(&self, status: u16, detail: &str) {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(
+            self.header("Content-Type"),
+            Some("application/problem+json"),
+            "{}",
+            self.text()
+        );
+        let j = self.json();
+        assert_eq!(j["status"], status);
+        assert_eq!(j["type"], "about:blank");
+        assert!(
+            j["detail"].as_str().unwrap_or("").contains(detail),
+            "detail {:?} lacks {detail:?}",
+            j["detail"]
+        );
+    }
+}
+
+/// One request on a fresh connection. `body == None` sends no Content-Length at all.
+pub fn raw_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).unwrap();
+    if let Some(b) = body {
+        s.write_all(b).unwrap();
+    }
+    read_response(&mut s, method == "HEAD")
+}
+
+/// Reads a response until the server closes the connection.
+pub fn read_response(s: &mut TcpStream, head_only: bool) -> Resp {
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    parse_response(&raw, head_only)
+}
+
+pub fn parse_response(raw: &[u8], _head_only: bool) -> Resp {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "no header end in response: {:?}",
+                String::from_utf8_lossy(raw)
+            )
+        });
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.split("\r\n");
+    let status: u16 = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Resp {
+        status,
+        headers,
+        body: raw[split + 4..].to_vec(),
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(data))
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Whether an external tool is on PATH. In CI (`CI=true`) a missing tool fails the test;
+/// locally it is skipped with a loud message.
+pub fn require_tool(tool: &str) -> bool {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !found {
+        if std::env::var("CI").as_deref() == Ok("true") {
+            panic!("required tool {tool:?} is missing in CI");
+        }
+        eprintln!("\n!!!!!!!! SKIPPING: {tool} is not installed (CI=true would fail) !!!!!!!!\n");
+    }
+    found
+}

@@ -59,4 +59,16 @@ pub struct ServeArgs {
     /// redb page cache size in MiB (IMGSRV_CACHE_MIB; default 64)
     #[argh(option)]
     pub cache_mib: Option<usize>,
+    /// most client connections served at once; more get 503 (IMGSRV_MAX_CONNECTIONS; default 4096)
+    #[argh(option)]
+    pub max_connections: Option<usize>,
+    /// time allowed for a request head or TLS handshake (IMGSRV_HEADER_TIMEOUT; default 30s)
+    #[argh(option)]
+    pub header_timeout: Option<String>,
+    /// time an idle kept-alive connection stays open (IMGSRV_IDLE_TIMEOUT; default 60s)
+    #[argh(option)]
+    pub idle_timeout: Option<String>,
+    /// time a body read or response write may stall (IMGSRV_IO_TIMEOUT; default 60s)
+    #[argh(option)]
+    pub io_timeout: Option<String>,
 }

@@ -21,6 +21,7 @@ pub struct Config {
     pub http_threads: usize,
     pub publish_workers: usize,
     pub cache_bytes: usize,
+    pub limits: crate::frontdoor::Limits,
 }
 
 fn pick(flag: Option<String>, env: &str) -> Option<String> {
@@ -75,11 +76,6 @@ impl Config {
         if tls_cert.is_some() != tls_key.is_some() {
             return Err("--tls-cert and --tls-key must be given together".into());
         }
-        if tls_cert.is_some() {
-            return Err(
-                "TLS is not supported by this build yet; terminate TLS in front of imgsrv".into(),
-            );
-        }
         let metrics_listen = pick(a.metrics_listen, "IMGSRV_METRICS_LISTEN")
             .unwrap_or_else(|| "127.0.0.1:9464".into());
         let metrics_listen = (!metrics_listen.is_empty()).then_some(metrics_listen);
@@ -112,6 +108,23 @@ impl Config {
             http_threads,
             publish_workers,
             cache_bytes: cache_mib.max(1) * 1024 * 1024,
+            limits: crate::frontdoor::Limits {
+                max_connections: number(a.max_connections, "IMGSRV_MAX_CONNECTIONS", 4096)?.max(1),
+                header_timeout: duration(
+                    a.header_timeout,
+                    "IMGSRV_HEADER_TIMEOUT",
+                    "30s",
+                    "header timeout",
+                )?,
+                idle_timeout: duration(
+                    a.idle_timeout,
+                    "IMGSRV_IDLE_TIMEOUT",
+                    "60s",
+                    "idle timeout",
+                )?,
+                io_timeout: duration(a.io_timeout, "IMGSRV_IO_TIMEOUT", "60s", "I/O timeout")?,
+                ..Default::default()
+            },
         })
     }
 }

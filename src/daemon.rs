@@ -1,11 +1,14 @@
-//! Start-up and wiring: the data directory, the store, the bootstrap token, background workers
-//! and the HTTP server.
+//! Start-up and wiring: the data directory, the store, the bootstrap token, background workers,
+//! the request server (tiny_http on a private socket) and the front door on the network.
 
 use crate::api::App;
 use crate::config::Config;
+use crate::frontdoor::{Backend, FrontDoor, Stats};
 use crate::store::{DB_FILE, Store};
 use crate::{jobs, log, server};
 use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,6 +21,10 @@ pub fn serve(config: Config) -> Result<(), String> {
             config.data_dir.display()
         )
     })?;
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(c), Some(k)) => Some(crate::frontdoor::tls::load(c, k)?),
+        _ => None,
+    };
     let db_path = config.data_dir.join(DB_FILE);
     let store = Arc::new(Store::open(&db_path, config.cache_bytes).map_err(|e| e.to_string())?);
     log::info(&format!("database open at {}", db_path.display()));
@@ -38,10 +45,45 @@ pub fn serve(config: Config) -> Result<(), String> {
         jobs: tx,
         ready: AtomicBool::new(false),
     });
-    let (listener, addr) = server::bind(&config.listen)?;
+    let socket = backend_socket_path(&config);
+    let _backend = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;
+
+    let listener = listener(&config.listen)?;
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| config.listen.clone());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let door = Arc::new(FrontDoor {
+        limits: config.limits.clone(),
+        tls,
+        backend: Backend { path: socket },
+        stats: Arc::new(Stats::default()),
+        stop: stop.clone(),
+    });
     app.ready.store(true, Ordering::SeqCst);
-    log::info(&format!("listening on http://{addr}"));
-    server::run(listener, app, config.http_threads)
+    log::info(&format!("listening on {scheme}://{addr}"));
+    door.run(listener)
+}
+
+/// tiny_http's private socket: in the data directory (whose permissions protect it) unless
+/// that path is too long for a Unix socket address.
+fn backend_socket_path(config: &Config) -> PathBuf {
+    let p = config.data_dir.join("imgsrv.sock");
+    if p.as_os_str().len() < 100 {
+        p
+    } else {
+        std::env::temp_dir().join(format!("imgsrv-{}.sock", std::process::id()))
+    }
+}
+
+/// The network listener: a socket passed by systemd (`LISTEN_FDS`), else a bound address.
+fn listener(listen: &str) -> Result<TcpListener, String> {
+    if let Some(l) = crate::systemd::listen_fd()? {
+        log::info("using the socket passed by systemd");
+        return Ok(l);
+    }
+    TcpListener::bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))
 }
 
 /// Mints a bootstrap auth-manager token when no live one exists and writes it, mode 0600, to

@@ -1,56 +1,96 @@
-//! The only module that names tiny_http: the listener, the request worker threads, turning a
-//! tiny_http request into an `http::Request` and writing `http::Response`s.
+//! The only module that names tiny_http: its private Unix-socket listener (the front door in
+//! `frontdoor/` owns the network), the request worker threads, turning a tiny_http request into
+//! an `http::Request` and writing `http::Response`s.
 //!
 //! Responses are written through `into_writer()` with our own status line and headers, so
 //! every response carries `Content-Length` (tiny_http would switch to chunked encoding at
-//! 32 KiB) and blob bodies go to the socket in chunk-sized `write_all` calls.
+//! 32 KiB) and blob bodies go to the socket in chunk-sized `write_all` calls. The exception is
+//! an answer to a request whose body was not read (e.g. a 401 to a large upload): tiny_http's
+//! `respond()` writes the answer *before* it drains the unread body, so the front door sees the
+//! answer early and stops sending the body, whereas `into_writer()` would drain first.
 
 use crate::api::{self, App};
 use crate::http::{Body, Request, Response, problem, reason};
 use crate::log;
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-/// Binds the listener; returns the server and its bound address.
-pub fn bind(listen: &str) -> Result<(tiny_http::Server, String), String> {
-    let server =
-        tiny_http::Server::http(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let addr = match server.server_addr() {
-        tiny_http::ListenAddr::IP(a) => a.to_string(),
-        #[allow(unreachable_patterns)]
-        other => format!("{other:?}"),
-    };
-    Ok((server, addr))
+/// The running request server; dropping it does not stop the worker threads.
+pub struct Backend {
+    server: Arc<tiny_http::Server>,
 }
 
-/// Serves requests on `threads` worker threads until the listener fails.
-pub fn run(server: tiny_http::Server, app: Arc<App>, threads: usize) -> Result<(), String> {
-    let server = Arc::new(server);
-    let mut handles = Vec::new();
+impl Backend {
+    /// Stops tiny_http's accept loop (used at shutdown).
+    pub fn unblock(&self) {
+        self.server.unblock();
+    }
+}
+
+/// Binds tiny_http to a private Unix socket at `path` (replacing a stale one) and starts
+/// `threads` request workers. If tiny_http's accept loop ever fails, the process exits with
+/// status 70 so that systemd restarts it: tiny_http never accepts again after one failure.
+pub fn start(
+    path: &Path,
+    app: Arc<App>,
+    threads: usize,
+    stopping: Arc<AtomicBool>,
+) -> Result<Backend, String> {
+    if path.exists() {
+        std::fs::remove_file(path)
+            .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| format!("cannot bind {}: {e}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| format!("cannot restrict {}: {e}", path.display()))?;
+    let server = Arc::new(
+        tiny_http::Server::from_listener(listener, None)
+            .map_err(|e| format!("cannot start the request server: {e}"))?,
+    );
     for i in 0..threads.max(1) {
         let server = server.clone();
         let app = app.clone();
-        let h = std::thread::Builder::new()
+        let stopping = stopping.clone();
+        std::thread::Builder::new()
             .name(format!("http-{i}"))
             .spawn(move || {
                 loop {
                     match server.recv() {
                         Ok(rq) => handle_one(&app, rq),
-                        Err(e) => return format!("accepting requests failed: {e}"),
+                        Err(_) if stopping.load(Ordering::SeqCst) => return,
+                        Err(e) => {
+                            log::error(&format!(
+                                "the request server stopped accepting: {e}; exiting for a restart"
+                            ));
+                            std::process::exit(70);
+                        }
                     }
                 }
             })
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
-        handles.push(h);
     }
-    let mut first_err = None;
-    for h in handles {
-        let msg = h.join().unwrap_or_else(|_| "worker thread panicked".into());
-        first_err.get_or_insert(msg);
+    Ok(Backend { server })
+}
+
+/// Counts the body bytes a handler reads, to know whether it left some unread.
+struct CountingReader<'a> {
+    inner: &'a mut dyn Read,
+    read: u64,
+}
+
+impl Read for CountingReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read += n as u64;
+        Ok(n)
     }
-    Err(first_err.unwrap_or_default())
 }
 
 /// `X-Request-ID`: the inbound value if, trimmed, it is 1..128 visible ASCII characters.
@@ -91,27 +131,36 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
         k.eq_ignore_ascii_case("Connection") && v.to_ascii_lowercase().contains("close")
     });
 
-    let response = {
+    let (response, body_read) = {
+        let mut counting = CountingReader {
+            inner: rq.as_reader(),
+            read: 0,
+        };
         let mut req = Request {
             method: method.clone(),
             path: path.clone(),
             headers,
             content_length,
-            body: rq.as_reader(),
+            body: &mut counting,
             request_id: id.clone(),
         };
-        match catch_unwind(AssertUnwindSafe(|| api::handle(app, &mut req))) {
+        let response = match catch_unwind(AssertUnwindSafe(|| api::handle(app, &mut req))) {
             Ok(r) => r,
             Err(_) => {
                 log::error(&format!("handler panicked request_id={id} path={path}"));
                 problem(500, "internal error while handling the request")
             }
-        }
+        };
+        (response, counting.read)
     };
     let status = response.status;
     let head_only = method == "HEAD";
-    let writer = rq.into_writer();
-    let sent = write_response(writer, response, &id, head_only, close);
+    let unread_body = content_length.unwrap_or(0) > body_read;
+    let sent = if unread_body && !matches!(response.body, Body::Blob { .. }) {
+        respond_before_drain(rq, response, &id)
+    } else {
+        write_response(rq.into_writer(), response, &id, head_only, close)
+    };
     log::event(
         "info",
         2,
@@ -133,6 +182,36 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
             ),
         ],
     );
+}
+
+/// Answers through tiny_http's `respond()`, which writes the response before draining the
+/// unread request body.
+fn respond_before_drain(rq: tiny_http::Request, resp: Response, id: &str) -> std::io::Result<u64> {
+    let data = match resp.body {
+        Body::Bytes(b) => b,
+        _ => Vec::new(),
+    };
+    let len = data.len() as u64;
+    let mut out = tiny_http::Response::from_data(data)
+        .with_status_code(resp.status)
+        .with_chunked_threshold(usize::MAX);
+    let extra = [
+        ("Server", "imgsrv"),
+        ("X-Request-ID", id),
+        ("Connection", "close"),
+    ];
+    for (k, v) in resp
+        .headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(extra)
+    {
+        if let Ok(h) = tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()) {
+            out.add_header(h);
+        }
+    }
+    rq.respond(out)?;
+    Ok(len)
 }
 
 /// Writes status line, headers and body. Returns the body bytes sent.

@@ -1,0 +1,364 @@
+//! One client connection: read a bounded head, check it, relay the request to tiny_http on a
+//! fresh backend connection (`Connection: close`, so tiny_http ends it after the response),
+//! relay the response back, and keep the client connection alive when both sides allow it.
+
+use super::FrontDoor;
+use super::head::{self, HeadError, RequestHead};
+use crate::log;
+use rustls::{ServerConnection, StreamOwned};
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+/// A client stream: plain TCP or TLS over TCP, with access to the socket for timeouts.
+trait Client: Read + Write {
+    fn tcp(&self) -> &TcpStream;
+}
+
+impl Client for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+}
+
+impl Client for StreamOwned<ServerConnection, TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        &self.sock
+    }
+}
+
+/// Relay buffer size: large enough that blob bodies move in few system calls.
+const RELAY_BUF: usize = 256 * 1024;
+
+pub fn serve(door: &FrontDoor, sock: TcpStream) {
+    let _ = sock.set_nodelay(true);
+    let _ = sock.set_write_timeout(Some(door.limits.io_timeout));
+    match &door.tls {
+        None => serve_stream(door, sock),
+        Some(cfg) => match ServerConnection::new(cfg.clone()) {
+            Ok(conn) => serve_stream(door, StreamOwned::new(conn, sock)),
+            Err(e) => log::event("debug", 3, &format!("TLS session setup failed: {e}"), &[]),
+        },
+    }
+}
+
+/// A minimal complete response written by the front door itself (problem+json).
+pub fn simple_response(status: u16, detail: &str, keep_alive: bool) -> Vec<u8> {
+    let body = format!(
+        "{{\"type\":\"about:blank\",\"title\":\"{}\",\"status\":{status},\"detail\":{}}}\n",
+        crate::http::reason(status),
+        serde_json::Value::from(detail)
+    );
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nServer: imgsrv\r\nDate: {}\r\nX-Request-ID: {}\r\nContent-Type: application/problem+json\r\nContent-Length: {}\r\n",
+        crate::http::reason(status),
+        httpdate::fmt_http_date(std::time::SystemTime::now()),
+        uuid::Uuid::new_v4(),
+        body.len()
+    );
+    if !keep_alive {
+        out.push_str("Connection: close\r\n");
+    }
+    out.push_str("\r\n");
+    out.push_str(&body);
+    out.into_bytes()
+}
+
+fn reject<C: Client>(client: &mut C, status: u16, detail: &str) {
+    let _ = client.write_all(&simple_response(status, detail, false));
+    let _ = client.flush();
+    log::event(
+        "info",
+        2,
+        "request rejected at the front door",
+        &[
+            ("status", status.to_string()),
+            ("detail", detail.to_string()),
+        ],
+    );
+}
+
+/// Hop-by-hop headers the front door owns; they are not forwarded.
+fn hop_by_hop(name: &str) -> bool {
+    [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "upgrade",
+        "expect",
+        "transfer-encoding",
+    ]
+    .iter()
+    .any(|h| name.eq_ignore_ascii_case(h))
+}
+
+fn is_part_upload(head: &RequestHead) -> bool {
+    head.method == "PUT"
+        && head.target.starts_with("/v1/uploads/")
+        && head.target.contains("/parts/")
+}
+
+fn serve_stream<C: Client>(door: &FrontDoor, mut client: C) {
+    let limits = &door.limits;
+    let mut buf: Vec<u8> = Vec::with_capacity(8192);
+    let mut first = true;
+    loop {
+        // The first request (and the TLS handshake) must arrive within the header timeout;
+        // later ones may wait the idle timeout before starting.
+        let wait = if first {
+            limits.header_timeout
+        } else {
+            limits.idle_timeout
+        };
+        let first_byte_deadline = Instant::now() + wait;
+        let head_len = {
+            let tcp = client.tcp().try_clone();
+            let Ok(tcp) = tcp else { return };
+            let mut set = |d: Duration| tcp.set_read_timeout(Some(d.max(Duration::from_millis(1))));
+            match head::read_head(
+                &mut client,
+                &mut buf,
+                limits.max_header_bytes,
+                first_byte_deadline,
+                limits.header_timeout,
+                &mut set,
+            ) {
+                Ok(n) => n,
+                Err(HeadError::Idle) | Err(HeadError::Io(_)) => return,
+                Err(HeadError::Timeout) => {
+                    return reject(&mut client, 408, "request head not received in time");
+                }
+                Err(HeadError::TooLarge) => {
+                    return reject(
+                        &mut client,
+                        431,
+                        &format!("request head exceeds {} bytes", limits.max_header_bytes),
+                    );
+                }
+                Err(HeadError::Malformed(why)) => return reject(&mut client, 400, why),
+            }
+        };
+        first = false;
+        let head = match head::parse(&buf[..head_len - 4]) {
+            Ok(h) => h,
+            Err(HeadError::Malformed(why)) => return reject(&mut client, 400, why),
+            Err(_) => return reject(&mut client, 400, "malformed request head"),
+        };
+        buf.drain(..head_len);
+
+        if head.header("Transfer-Encoding").is_some() {
+            // Chunked request bodies are not supported; the connection cannot be reused because
+            // the body's end is unknown.
+            return if is_part_upload(&head) {
+                reject(&mut client, 400, "content length is required")
+            } else {
+                reject(
+                    &mut client,
+                    411,
+                    "a Content-Length is required for request bodies",
+                )
+            };
+        }
+        let length = match head.content_length() {
+            Ok(n) => n.unwrap_or(0),
+            Err(()) => return reject(&mut client, 400, "invalid Content-Length"),
+        };
+        if length > limits.max_body_bytes {
+            return reject(
+                &mut client,
+                413,
+                &format!(
+                    "request body of {length} bytes exceeds the limit of {} bytes",
+                    limits.max_body_bytes
+                ),
+            );
+        }
+        let keep_alive = head.keep_alive();
+        match relay(door, &mut client, &head, length, &mut buf) {
+            Ok(true) if keep_alive => continue,
+            Ok(_) => return,
+            Err(e) => {
+                log::event("debug", 3, &format!("connection ended: {e}"), &[]);
+                return;
+            }
+        }
+    }
+}
+
+/// Relays one request and its response. Returns whether the client connection may be reused.
+fn relay<C: Client>(
+    door: &FrontDoor,
+    client: &mut C,
+    head: &RequestHead,
+    length: u64,
+    buf: &mut Vec<u8>,
+) -> io::Result<bool> {
+    let limits = &door.limits;
+    let mut backend = match UnixStream::connect(&door.backend.path) {
+        Ok(b) => b,
+        Err(e) => {
+            reject(client, 503, "server is busy or shutting down");
+            return Err(e);
+        }
+    };
+    let mut out = Vec::with_capacity(1024);
+    write!(out, "{} {} {}\r\n", head.method, head.target, head.version)?;
+    for (k, v) in &head.headers {
+        if !hop_by_hop(k) {
+            write!(out, "{k}: {v}\r\n")?;
+        }
+    }
+    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    backend.write_all(&out)?;
+
+    // Request body: what is already buffered, then the rest from the socket. Before each
+    // block, look whether the backend already answered (e.g. 401 to a large upload): then the
+    // rest of the body is not sent and the client connection is closed after the response.
+    let mut remaining = length;
+    let mut early = false;
+    if length > 0 && head.has_token("Expect", "100-continue") {
+        client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        client.flush()?;
+    }
+    let take = (buf.len() as u64).min(remaining) as usize;
+    if take > 0 {
+        backend.write_all(&buf[..take])?;
+        buf.drain(..take);
+        remaining -= take as u64;
+    }
+    if remaining > 0 {
+        client.tcp().set_read_timeout(Some(limits.io_timeout))?;
+        let mut block = vec![0u8; RELAY_BUF];
+        while remaining > 0 {
+            if backend_answered(&backend) {
+                early = true;
+                break;
+            }
+            let want = remaining.min(RELAY_BUF as u64) as usize;
+            let n = match client.read(&mut block[..want]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "client closed mid-body",
+                    ));
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            if backend.write_all(&block[..n]).is_err() {
+                // The backend stopped reading: it has answered or failed; read its answer.
+                early = true;
+                break;
+            }
+            remaining -= n as u64;
+        }
+    }
+
+    // Response head.
+    let mut rbuf = Vec::with_capacity(4096);
+    let far = Instant::now() + Duration::from_secs(24 * 3600);
+    let rhead_len = head::read_head(
+        &mut backend,
+        &mut rbuf,
+        256 * 1024,
+        far,
+        Duration::from_secs(24 * 3600),
+        &mut |_| Ok(()),
+    )
+    .map_err(|e| io::Error::other(format!("backend response: {e:?}")))?;
+    let text = String::from_utf8_lossy(&rbuf[..rhead_len - 4]).into_owned();
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(502);
+    let mut resp_len: Option<u64> = None;
+    let reuse = !early;
+    let mut rhead = Vec::with_capacity(rhead_len + 32);
+    rhead.extend_from_slice(status_line.as_bytes());
+    rhead.extend_from_slice(b"\r\n");
+    for l in lines {
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
+        if k.eq_ignore_ascii_case("Connection") {
+            continue;
+        }
+        if k.eq_ignore_ascii_case("Content-Length") {
+            resp_len = v.trim().parse().ok();
+        }
+        rhead.extend_from_slice(l.as_bytes());
+        rhead.extend_from_slice(b"\r\n");
+    }
+    let bodyless = head.method == "HEAD" || matches!(status, 204 | 304) || status < 200;
+    // Without a length the body ends when the backend closes, so the client connection cannot
+    // be reused.
+    let reuse = reuse && (bodyless || resp_len.is_some());
+    if !reuse {
+        rhead.extend_from_slice(b"Connection: close\r\n");
+    }
+    rhead.extend_from_slice(b"\r\n");
+    client.write_all(&rhead)?;
+
+    if !bodyless {
+        let mut left = resp_len.unwrap_or(u64::MAX);
+        let extra = rbuf.len() - rhead_len;
+        if extra > 0 {
+            let n = (extra as u64).min(left) as usize;
+            client.write_all(&rbuf[rhead_len..rhead_len + n])?;
+            left -= n as u64;
+        }
+        let mut block = vec![0u8; RELAY_BUF];
+        while left > 0 {
+            let want = left.min(RELAY_BUF as u64) as usize;
+            let n = match backend.read(&mut block[..want]) {
+                Ok(0) if resp_len.is_none() => break,
+                // The backend ended the body early (a chunk failed verification): the client
+                // must see a short body and a closed connection, never a reused one.
+                Ok(0) => return Ok(false),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            client.write_all(&block[..n])?;
+            left -= n as u64;
+        }
+    }
+    client.flush()?;
+    if early {
+        // Give the client a moment to read the answer before the close resets the connection,
+        // discarding what it still sends.
+        drain_briefly(client, remaining);
+    }
+    Ok(reuse)
+}
+
+/// Whether the backend has response bytes waiting (a non-blocking peek).
+fn backend_answered(backend: &UnixStream) -> bool {
+    use rustix::net::RecvFlags;
+    let mut one = [0u8; 1];
+    matches!(
+        rustix::net::recv(backend, &mut one, RecvFlags::PEEK | RecvFlags::DONTWAIT),
+        Ok((n, _)) if n > 0
+    )
+}
+
+fn drain_briefly<C: Client>(client: &mut C, remaining: u64) {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut left = remaining.min(16 * 1024 * 1024);
+    let mut block = [0u8; 16384];
+    while left > 0 && Instant::now() < deadline {
+        let _ = client
+            .tcp()
+            .set_read_timeout(Some(Duration::from_millis(200)));
+        match client.read(&mut block) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => left = left.saturating_sub(n as u64),
+        }
+    }
+}

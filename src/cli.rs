@@ -71,4 +71,7 @@ pub struct ServeArgs {
     /// time a body read or response write may stall (IMGSRV_IO_TIMEOUT; default 60s)
     #[argh(option)]
     pub io_timeout: Option<String>,
+    /// how long a shutdown waits for in-flight requests (IMGSRV_SHUTDOWN_TIMEOUT; default 30s)
+    #[argh(option)]
+    pub shutdown_timeout: Option<String>,
 }

@@ -22,6 +22,7 @@ pub struct Config {
     pub publish_workers: usize,
     pub cache_bytes: usize,
     pub limits: crate::frontdoor::Limits,
+    pub shutdown_timeout: Duration,
 }
 
 fn pick(flag: Option<String>, env: &str) -> Option<String> {
@@ -108,6 +109,12 @@ impl Config {
             http_threads,
             publish_workers,
             cache_bytes: cache_mib.max(1) * 1024 * 1024,
+            shutdown_timeout: duration(
+                a.shutdown_timeout,
+                "IMGSRV_SHUTDOWN_TIMEOUT",
+                "30s",
+                "shutdown timeout",
+            )?,
             limits: crate::frontdoor::Limits {
                 max_connections: number(a.max_connections, "IMGSRV_MAX_CONNECTIONS", 4096)?.max(1),
                 header_timeout: duration(

@@ -32,21 +32,22 @@ pub fn serve(config: Config) -> Result<(), String> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::bounded(4096);
-    jobs::start_workers(store.clone(), rx, config.publish_workers, stop.clone());
+    let publishers = jobs::start_workers(store.clone(), rx, config.publish_workers, stop.clone());
     for id in store.unfinished_jobs().map_err(|e| e.to_string())? {
         log::info(&format!("resuming publish job {id}"));
         let _ = tx.try_send(id);
     }
-    jobs::start_sweeper(store.clone(), config.sweep_interval, stop.clone());
+    let sweeper = jobs::start_sweeper(store.clone(), config.sweep_interval, stop.clone());
 
     let app = Arc::new(App {
-        store,
+        store: store.clone(),
         upload_ttl: config.upload_ttl,
         jobs: tx,
         ready: AtomicBool::new(false),
+        streams_cache: std::sync::Mutex::new(None),
     });
     let socket = backend_socket_path(&config);
-    let _backend = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;
+    let backend = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;
 
     let listener = listener(&config.listen)?;
     let addr = listener
@@ -57,13 +58,66 @@ pub fn serve(config: Config) -> Result<(), String> {
     let door = Arc::new(FrontDoor {
         limits: config.limits.clone(),
         tls,
-        backend: Backend { path: socket },
+        backend: Backend {
+            path: socket.clone(),
+        },
         stats: Arc::new(Stats::default()),
         stop: stop.clone(),
     });
+    watch_signals(stop.clone())?;
     app.ready.store(true, Ordering::SeqCst);
     log::info(&format!("listening on {scheme}://{addr}"));
-    door.run(listener)
+    crate::systemd::notify("READY=1");
+    let result = door.clone().run(listener);
+
+    // Graceful shutdown: stop accepting (done), let in-flight requests finish within the
+    // bound, stop publish steps at their next safe point, then close the database.
+    stop.store(true, Ordering::SeqCst);
+    app.ready.store(false, Ordering::SeqCst);
+    let open = door.drain(config.shutdown_timeout);
+    if open > 0 {
+        log::warn(&format!(
+            "{open} connections still busy after {:?}; exiting without waiting for them",
+            config.shutdown_timeout
+        ));
+        return result;
+    }
+    backend.stop();
+    drop(app);
+    for h in publishers {
+        let _ = h.join();
+    }
+    let _ = sweeper.join();
+    let _ = std::fs::remove_file(&socket);
+    match Arc::try_unwrap(store) {
+        Ok(store) => {
+            drop(store);
+            log::info("database closed; stopped cleanly");
+        }
+        Err(_) => log::warn("database still in use at exit; it will be repaired quickly at the next start"),
+    }
+    result
+}
+
+/// SIGTERM and SIGINT start a graceful shutdown; a second signal exits at once.
+fn watch_signals(stop: Arc<AtomicBool>) -> Result<(), String> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if stop.swap(true, Ordering::SeqCst) {
+                    log::warn("second signal: exiting immediately");
+                    std::process::exit(1);
+                }
+                crate::systemd::notify("STOPPING=1");
+                log::info(&format!("signal {sig} received: shutting down gracefully"));
+            }
+        })
+        .map_err(|e| format!("cannot start the signal thread: {e}"))?;
+    Ok(())
 }
 
 /// tiny_http's private socket: in the data directory (whose permissions protect it) unless

@@ -9,16 +9,23 @@ use crate::store::jobs::NextStep;
 use crossbeam_channel::Receiver;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 use uuid::Uuid;
 
 /// Starts `n` publish workers that run each job received on `rx` to its end.
-pub fn start_workers(store: Arc<Store>, rx: Receiver<Uuid>, n: usize, stop: Arc<AtomicBool>) {
+pub fn start_workers(
+    store: Arc<Store>,
+    rx: Receiver<Uuid>,
+    n: usize,
+    stop: Arc<AtomicBool>,
+) -> Vec<JoinHandle<()>> {
+    let mut handles = Vec::new();
     for i in 0..n.max(1) {
         let store = store.clone();
         let rx = rx.clone();
         let stop = stop.clone();
-        std::thread::Builder::new()
+        let h = std::thread::Builder::new()
             .name(format!("publish-{i}"))
             .spawn(move || {
                 for id in rx.iter() {
@@ -29,7 +36,9 @@ pub fn start_workers(store: Arc<Store>, rx: Receiver<Uuid>, n: usize, stop: Arc<
                 }
             })
             .expect("spawning a publish worker");
+        handles.push(h);
     }
+    handles
 }
 
 /// Runs a job's steps in sequence until it succeeds, fails or the server stops. Each step
@@ -88,12 +97,23 @@ pub fn run_job(store: &Store, id: Uuid, stop: &AtomicBool) {
 }
 
 /// Every `interval`, aborts expired upload sessions and deletes unreferenced blobs.
-pub fn start_sweeper(store: Arc<Store>, interval: Duration, stop: Arc<AtomicBool>) {
+pub fn start_sweeper(
+    store: Arc<Store>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
     std::thread::Builder::new()
         .name("sweeper".into())
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
-                std::thread::sleep(interval);
+                // Sleep in short slices so that a shutdown does not wait a whole interval.
+                let wake = std::time::Instant::now() + interval;
+                while std::time::Instant::now() < wake && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100).min(interval));
+                }
+                if stop.load(Ordering::SeqCst) {
+                    break;
+                }
                 let now = Timestamp::now();
                 match store.sweep_expired_uploads(now) {
                     Ok(0) => {}
@@ -107,5 +127,5 @@ pub fn start_sweeper(store: Arc<Store>, interval: Duration, stop: Arc<AtomicBool
                 }
             }
         })
-        .expect("spawning the sweeper");
+        .expect("spawning the sweeper")
 }

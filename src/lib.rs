@@ -15,5 +15,6 @@ pub mod log;
 pub mod model;
 pub mod server;
 pub mod store;
+pub mod streams;
 pub mod systemd;
 pub mod validate;

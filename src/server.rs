@@ -24,12 +24,19 @@ use std::time::Instant;
 /// The running request server; dropping it does not stop the worker threads.
 pub struct Backend {
     server: Arc<tiny_http::Server>,
+    workers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Backend {
-    /// Stops tiny_http's accept loop (used at shutdown).
-    pub fn unblock(&self) {
-        self.server.unblock();
+    /// Wakes every worker blocked waiting for a request and waits for them to return (each
+    /// finishes the request it is handling first). Call after setting the stop flag.
+    pub fn stop(self) {
+        for _ in &self.workers {
+            self.server.unblock();
+        }
+        for w in self.workers {
+            let _ = w.join();
+        }
     }
 }
 
@@ -54,11 +61,12 @@ pub fn start(
         tiny_http::Server::from_listener(listener, None)
             .map_err(|e| format!("cannot start the request server: {e}"))?,
     );
+    let mut workers = Vec::new();
     for i in 0..threads.max(1) {
         let server = server.clone();
         let app = app.clone();
         let stopping = stopping.clone();
-        std::thread::Builder::new()
+        let h = std::thread::Builder::new()
             .name(format!("http-{i}"))
             .spawn(move || {
                 loop {
@@ -75,8 +83,9 @@ pub fn start(
                 }
             })
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
+        workers.push(h);
     }
-    Ok(Backend { server })
+    Ok(Backend { server, workers })
 }
 
 /// Counts the body bytes a handler reads, to know whether it left some unread.

@@ -3,4 +3,7 @@
 
 mod util;
 
+mod api_uploads;
 mod smoke;
+mod storage;
+mod streams;

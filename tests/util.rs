@@ -77,8 +77,12 @@ impl Server {
         std::thread::spawn(move || {
             let mut sent = false;
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if !sent && let Some(i) = line.find("listening on http://") {
-                    let addr = line[i + "listening on http://".len()..]
+                // With TLS the line says `https://`.
+                let at = ["listening on http://", "listening on https://"]
+                    .iter()
+                    .find_map(|p| line.find(p).map(|i| i + p.len()));
+                if !sent && let Some(i) = at {
+                    let addr = line[i..]
                         .split_whitespace()
                         .next()
                         .unwrap_or("")
@@ -481,4 +485,91 @@ pub fn require_tool(tool: &str) -> bool {
         eprintln!("\n!!!!!!!! SKIPPING: {tool} is not installed (CI=true would fail) !!!!!!!!\n");
     }
     found
+}
+
+/// Asserts a JSON success response (API.md 1): this status, `Content-Type: application/json`
+/// exactly, a body that ends with exactly one `\n`. Returns the decoded body.
+pub fn json_ok(r: &Resp, status: u16) -> Value {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(
+        r.header("Content-Type"),
+        Some("application/json"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        r.body.ends_with(b"\n") && !r.body.ends_with(b"\n\n"),
+        "body must end with one newline: {:?}",
+        r.text()
+    );
+    r.json()
+}
+
+/// Parses an RFC 3339 UTC timestamp member (`Z` suffix required); never string-compare them.
+pub fn ts(v: &Value) -> time::OffsetDateTime {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("timestamp is not a string: {v}"));
+    assert!(
+        s.ends_with('Z'),
+        "timestamp {s:?} is not UTC with a Z suffix"
+    );
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("timestamp {s:?} is not RFC 3339: {e}"))
+}
+
+/// Asserts an id member is a lowercase hyphenated UUID and returns it.
+pub fn id_of(v: &Value) -> String {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("id is not a string: {v}"));
+    let u = uuid::Uuid::parse_str(s).unwrap_or_else(|e| panic!("id {s:?} is not a UUID: {e}"));
+    assert_eq!(
+        s,
+        u.hyphenated().to_string(),
+        "id must be lowercase hyphenated"
+    );
+    s.to_string()
+}
+
+/// PUTs one upload part with the writer's token.
+pub fn put_part(s: &Server, token: &str, upload: &str, number: &str, data: &[u8]) -> Resp {
+    let auth = format!("Bearer {token}");
+    s.request(
+        "PUT",
+        &format!("/v1/uploads/{upload}/parts/{number}"),
+        &[("Authorization", &auth)],
+        data,
+    )
+}
+
+/// Creates (or reuses) an image and creates a draft version of it with one qcow2 artifact whose
+/// primary blob is `disk` (uploaded first). Returns the artifact JSON.
+pub fn draft_with_artifact(
+    s: &Server,
+    token: &str,
+    image: &str,
+    version: &str,
+    disk: &[u8],
+) -> Value {
+    let d = s.upload(token, disk);
+    let r = s.call("POST", "/v1/images", token, &json!({"name": image}));
+    assert!(r.status == 201 || r.status == 409, "{}", r.text());
+    let r = s.call(
+        "POST",
+        &format!("/v1/images/{image}/versions"),
+        token,
+        &json!({"version": version}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let a = s.call(
+        "POST",
+        &format!("/v1/images/{image}/versions/{version}/artifacts"),
+        token,
+        &json!({"operating_system": "debian", "architecture": "x86_64", "format": "qcow2",
+                "primary_blob_digest": d, "primary_blob_size_bytes": disk.len(),
+                "primary_media_type": "application/x-qemu-disk"}),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    a.json()
 }

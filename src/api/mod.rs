@@ -7,6 +7,7 @@ mod auth;
 mod catalog;
 mod downloads;
 mod publish;
+mod streams;
 mod uploads;
 
 use crate::error::Error;
@@ -28,6 +29,8 @@ pub struct App {
     /// Publish jobs to run; the worker pool receives them.
     pub jobs: Sender<Uuid>,
     pub ready: AtomicBool,
+    /// The Simple Streams documents and the catalog generation they were rendered at.
+    pub streams_cache: std::sync::Mutex<Option<(u64, Arc<crate::streams::Rendered>)>>,
 }
 
 /// The OpenAPI document served at `/openapi/v1.yaml`, compiled into the binary.
@@ -248,10 +251,8 @@ fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> Handler
             "application/yaml",
             OPENAPI_YAML.as_bytes().to_vec(),
         )),
-        (StreamsIndex, _) | (StreamsImages, _) => Ok(problem(
-            404,
-            "simple streams projection is not available in this build",
-        )),
+        (StreamsIndex, _) => streams::serve(app, req, streams::Which::Index),
+        (StreamsImages, _) => streams::serve(app, req, streams::Which::Images),
         (Uploads, _) => uploads::begin(app, req),
         (Upload(id), _) => uploads::get(app, &id),
         (UploadPart(id, n), _) => uploads::put_part(app, req, &id, &n),

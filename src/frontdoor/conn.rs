@@ -9,6 +9,7 @@ use rustls::{ServerConnection, StreamOwned};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// A client stream: plain TCP or TLS over TCP, with access to the socket for timeouts.
@@ -105,6 +106,9 @@ fn serve_stream<C: Client>(door: &FrontDoor, mut client: C) {
     let mut buf: Vec<u8> = Vec::with_capacity(8192);
     let mut first = true;
     loop {
+        if !first && door.stop.load(Ordering::SeqCst) {
+            return;
+        }
         // The first request (and the TLS handshake) must arrive within the header timeout;
         // later ones may wait the idle timeout before starting.
         let wait = if first {
@@ -124,6 +128,7 @@ fn serve_stream<C: Client>(door: &FrontDoor, mut client: C) {
                 first_byte_deadline,
                 limits.header_timeout,
                 &mut set,
+                &|| door.stop.load(Ordering::SeqCst),
             ) {
                 Ok(n) => n,
                 Err(HeadError::Idle) | Err(HeadError::Io(_)) => return,
@@ -267,6 +272,7 @@ fn relay<C: Client>(
         far,
         Duration::from_secs(24 * 3600),
         &mut |_| Ok(()),
+        &|| false,
     )
     .map_err(|e| io::Error::other(format!("backend response: {e:?}")))?;
     let text = String::from_utf8_lossy(&rbuf[..rhead_len - 4]).into_owned();

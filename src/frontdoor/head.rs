@@ -119,7 +119,9 @@ pub fn parse(head: &[u8]) -> Result<RequestHead, HeadError> {
 
 /// Reads from `r` into `buf` until a blank line ends the head. Returns the head's length
 /// including the blank line; bytes after it stay in `buf` (the start of the body or of a
-/// pipelined request). `set_deadline` is called before each read with the time left.
+/// pipelined request). `set_timeout` is called before each read with the time left. While no
+/// byte has arrived, reads wait in slices of at most `SLICE` so that `stopping()` (a shutdown)
+/// ends an idle wait promptly.
 pub fn read_head<R: Read>(
     r: &mut R,
     buf: &mut Vec<u8>,
@@ -127,7 +129,9 @@ pub fn read_head<R: Read>(
     first_byte_deadline: Instant,
     head_deadline_after_first: std::time::Duration,
     set_timeout: &mut dyn FnMut(std::time::Duration) -> io::Result<()>,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<usize, HeadError> {
+    const SLICE: std::time::Duration = std::time::Duration::from_millis(250);
     let mut deadline = if buf.is_empty() {
         first_byte_deadline
     } else {
@@ -151,7 +155,12 @@ pub fn read_head<R: Read>(
                 HeadError::Timeout
             });
         }
-        set_timeout(left).map_err(|e| HeadError::Io(e.kind()))?;
+        let wait = if buf.is_empty() {
+            left.min(SLICE)
+        } else {
+            left
+        };
+        set_timeout(wait).map_err(|e| HeadError::Io(e.kind()))?;
         match r.read(&mut chunk) {
             Ok(0) => {
                 return Err(if buf.is_empty() {
@@ -172,11 +181,13 @@ pub fn read_head<R: Read>(
                     io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(if buf.is_empty() {
-                    HeadError::Idle
-                } else {
-                    HeadError::Timeout
-                });
+                if buf.is_empty() {
+                    if stopping() || Instant::now() >= deadline {
+                        return Err(HeadError::Idle);
+                    }
+                    continue;
+                }
+                return Err(HeadError::Timeout);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(HeadError::Io(e.kind())),
@@ -250,6 +261,7 @@ mod tests {
             far,
             std::time::Duration::from_secs(5),
             &mut |_| Ok(()),
+            &|| false,
         )
         .unwrap();
         assert_eq!(&buf[..n], b"GET / HTTP/1.1\r\nA: b\r\n\r\n");
@@ -263,7 +275,8 @@ mod tests {
                 1024,
                 far,
                 std::time::Duration::from_secs(5),
-                &mut |_| Ok(())
+                &mut |_| Ok(()),
+                &|| false,
             ),
             Err(HeadError::TooLarge)
         );

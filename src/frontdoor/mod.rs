@@ -78,6 +78,21 @@ pub struct FrontDoor {
     pub stop: Arc<AtomicBool>,
 }
 
+impl FrontDoor {
+    /// Waits until no connection is being served, or `timeout` passes. Returns how many are
+    /// still open.
+    pub fn drain(&self, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let n = self.stats.active.load(Ordering::SeqCst);
+            if n == 0 || Instant::now() >= deadline {
+                return n;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 /// How many connections the current file-descriptor limit allows.
 fn fd_budget(base_fds: usize) -> usize {
     let soft = rustix::process::getrlimit(rustix::process::Resource::Nofile)
@@ -94,13 +109,29 @@ fn open_fds() -> usize {
 }
 
 impl FrontDoor {
-    /// Accepts connections until `stop` is set or the listener fails for good.
+    /// Accepts connections until `stop` is set or the listener fails for good. The listener
+    /// is polled in short slices so that a shutdown stops accepting promptly without touching
+    /// the socket itself (under socket activation systemd keeps it for the next start).
     pub fn run(self: Arc<Self>, listener: TcpListener) -> Result<(), String> {
         let base_fds = open_fds();
         let mut last_error_log = Instant::now() - Duration::from_secs(60);
         loop {
             if self.stop.load(Ordering::SeqCst) {
                 return Ok(());
+            }
+            let mut fds = [rustix::event::PollFd::new(
+                &listener,
+                rustix::event::PollFlags::IN,
+            )];
+            let slice = rustix::event::Timespec {
+                tv_sec: 0,
+                tv_nsec: 250_000_000,
+            };
+            match rustix::event::poll(&mut fds, Some(&slice)) {
+                Ok(0) => continue,
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(format!("waiting for connections failed: {e}")),
             }
             let (sock, _) = match listener.accept() {
                 Ok(pair) => pair,

@@ -1,0 +1,70 @@
+//! `GET|HEAD /streams/v1/index.json` and `/streams/v1/images.json`: the Incus Simple Streams
+//! documents, anonymous, with a strong `ETag`, `Cache-Control: no-cache` and `If-None-Match`.
+//!
+//! The rendered pair is cached per catalog generation. Every change a consumer can see (a
+//! publish, an alias moved or deleted) bumps the generation in the same transaction, so an
+//! unchanged catalog costs one small read transaction per request, and a changed one is
+//! rendered once, by the first request that notices.
+
+use super::{App, HandlerResult};
+use crate::http::{Request, Response, not_modified, problem};
+use crate::log;
+use crate::streams::{Document, Rendered, render};
+use std::sync::Arc;
+
+/// Which of the two documents a route serves.
+#[derive(Clone, Copy)]
+pub enum Which {
+    Index,
+    Images,
+}
+
+pub fn serve(app: &App, req: &Request, which: Which) -> HandlerResult {
+    let rendered = current(app).map_err(|detail| problem(500, &detail))?;
+    let doc: &Document = match which {
+        Which::Index => &rendered.index,
+        Which::Images => &rendered.images,
+    };
+    // If-Modified-Since is deliberately not consulted: the documents carry no date, only
+    // the entity tag, so `If-None-Match` alone decides.
+    if not_modified(
+        req.header("If-None-Match"),
+        None,
+        &doc.etag,
+        crate::clock::Timestamp(0),
+    ) {
+        return Ok(Response::new(304)
+            .header("ETag", doc.etag.clone())
+            .header("Cache-Control", "no-cache"));
+    }
+    Ok(Response::bytes(200, "application/json", doc.body.clone())
+        .header("ETag", doc.etag.clone())
+        .header("Cache-Control", "no-cache"))
+}
+
+/// The documents for the current generation, rendered now if the cache is stale.
+fn current(app: &App) -> Result<Arc<Rendered>, String> {
+    let generation = app.store.generation().map_err(|e| e.detail)?;
+    // A panic while rendering poisons the lock; the slot is still a valid cache (it is only
+    // replaced whole), so keep using it.
+    let mut slot = app
+        .streams_cache
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some((g, rendered)) = slot.as_ref()
+        && *g == generation
+    {
+        return Ok(rendered.clone());
+    }
+    // Rendering happens under the lock on purpose: requests that arrive meanwhile need the
+    // same new pair, and waiting for it is cheaper than rendering it once each.
+    let snapshot = app.store.streams_snapshot().map_err(|e| e.detail)?;
+    let rendered = Arc::new(render(&snapshot).map_err(|e| e.detail)?);
+    for w in &rendered.warnings {
+        log::warn(w);
+    }
+    // The snapshot may be newer than the generation read above; it is keyed by its own
+    // generation, so the next request at that generation is a cache hit.
+    *slot = Some((rendered.generation, rendered.clone()));
+    Ok(rendered)
+}

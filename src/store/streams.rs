@@ -1,0 +1,217 @@
+//! The catalog snapshot behind the Simple Streams documents.
+//!
+//! Everything the two documents need is read in one read transaction, so a document never
+//! mixes two catalog states (a version published between two reads, an alias moved halfway)
+//! and carries the generation it reflects. The rows of `INCUS_ROWS` are the starting point:
+//! `finalize_publish` writes them, with the combined checksums, in the same transaction that
+//! publishes the version, so rendering never opens a blob.
+
+use super::catalog::CatalogRead;
+use super::tables::*;
+use super::{Store, decode};
+use crate::clock::Timestamp;
+use crate::error::{Error, Result};
+use crate::model::{IncusRow, VersionState};
+use redb::{ReadTransaction, ReadableTable};
+use std::collections::BTreeMap;
+use uuid::Uuid;
+
+/// The artifact format Incus can boot as a VM disk (`disk-kvm.img`).
+pub const INCUS_DISK_FORMAT: &str = "qcow2";
+/// The attachment name that carries Incus's image metadata tarball.
+pub const INCUS_METADATA_NAME: &str = "incus.tar.xz";
+
+/// What the documents are rendered from, as read at `generation`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub generation: u64,
+    /// Images with at least one eligible published artifact, ordered by name.
+    pub images: Vec<SnapshotImage>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotImage {
+    pub name: String,
+    pub display_name: Option<String>,
+    /// Published versions that have eligible artifacts, in no particular order (the renderer
+    /// orders them by publish time).
+    pub versions: Vec<SnapshotVersion>,
+    /// Every alias of the image with the id of the version it points at now.
+    pub aliases: Vec<SnapshotAlias>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotVersion {
+    pub id: Uuid,
+    pub version: String,
+    pub published_at: Timestamp,
+    /// The eligible artifacts: qcow2 with an `incus.tar.xz` attachment and an Incus row.
+    pub artifacts: Vec<SnapshotArtifact>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotAlias {
+    pub name: String,
+    pub version_id: Uuid,
+}
+
+/// One eligible artifact with its metadata attachment. Digests are lowercase hex without the
+/// `sha256:` prefix, which is how Simple Streams items carry them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotArtifact {
+    pub artifact_id: Uuid,
+    pub architecture: String,
+    pub operating_system: String,
+    pub variant: String,
+    pub format: String,
+    pub disk_sha256: String,
+    pub disk_size: i64,
+    pub attachment_id: Uuid,
+    pub attachment_name: String,
+    pub attachment_sha256: String,
+    pub attachment_size: i64,
+    /// sha256 of the attachment bytes followed by the disk bytes: the Incus fingerprint.
+    pub combined_sha256: String,
+}
+
+fn hex_of(digest: &str) -> Result<String> {
+    digest
+        .strip_prefix("sha256:")
+        .filter(|h| h.len() == 64)
+        .map(str::to_string)
+        .ok_or_else(|| Error::internal(format!("stored digest {digest:?} is invalid")))
+}
+
+impl Store {
+    /// Reads the Simple Streams snapshot in one read transaction.
+    pub fn streams_snapshot(&self) -> Result<Snapshot> {
+        let txn = self.begin_read()?;
+        load_snapshot(&txn)
+    }
+}
+
+fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
+    let generation = txn
+        .open_table(META)?
+        .get("generation")?
+        .map(|v| v.value())
+        .unwrap_or(0);
+    let images = txn.open_table(IMAGES)?;
+    // Keyed by image id, then version id, so rows of one version land together.
+    let mut found: BTreeMap<Uuid, SnapshotImage> = BTreeMap::new();
+    let mut versions: BTreeMap<Uuid, (Uuid, SnapshotVersion)> = BTreeMap::new();
+    let mut skipped_versions: Vec<Uuid> = Vec::new();
+    for row in txn.open_table(INCUS_ROWS)?.iter()? {
+        let (key, value) = row?;
+        let (version_id, artifact_id) = key.value();
+        let version_id = Uuid::from_u128(version_id);
+        let incus: IncusRow = decode(value.value(), "incus row")?;
+        if skipped_versions.contains(&version_id) {
+            continue;
+        }
+        if !versions.contains_key(&version_id) {
+            let v = txn.version_by_id(version_id)?.ok_or_else(|| {
+                Error::internal(format!("incus row names a missing version {version_id}"))
+            })?;
+            // Rows are written in the transaction that publishes the version, so this only
+            // guards against a future change of that rule: drafts never reach consumers.
+            if v.state != VersionState::Published {
+                skipped_versions.push(version_id);
+                continue;
+            }
+            if !found.contains_key(&v.image_id) {
+                let image: crate::model::Image =
+                    super::load(&images, v.image_id.as_u128(), "image")?.ok_or_else(|| {
+                        Error::internal(format!("version {version_id} names a missing image"))
+                    })?;
+                found.insert(
+                    v.image_id,
+                    SnapshotImage {
+                        name: image.name,
+                        display_name: image.display_name,
+                        versions: Vec::new(),
+                        aliases: Vec::new(),
+                    },
+                );
+            }
+            versions.insert(
+                version_id,
+                (
+                    v.image_id,
+                    SnapshotVersion {
+                        id: v.id,
+                        version: v.version,
+                        published_at: v.published_at.unwrap_or(v.created_at),
+                        artifacts: Vec::new(),
+                    },
+                ),
+            );
+        }
+        let artifact_id = Uuid::from_u128(artifact_id);
+        let artifact = txn
+            .artifact(artifact_id)?
+            .filter(|a| a.version_id == version_id)
+            .ok_or_else(|| {
+                Error::internal(format!("incus row names a missing artifact {artifact_id}"))
+            })?;
+        let attachment = txn
+            .attachment(incus.attachment_id)?
+            .filter(|a| a.artifact_id == artifact_id)
+            .ok_or_else(|| {
+                Error::internal(format!(
+                    "incus row names a missing attachment {}",
+                    incus.attachment_id
+                ))
+            })?;
+        // The eligibility rule of API.md section 9, applied again here so that the documents
+        // follow it whatever rows exist.
+        if artifact.format != INCUS_DISK_FORMAT || attachment.name != INCUS_METADATA_NAME {
+            continue;
+        }
+        let entry = SnapshotArtifact {
+            artifact_id,
+            architecture: artifact.architecture,
+            operating_system: artifact.operating_system,
+            variant: artifact.variant,
+            format: artifact.format,
+            disk_sha256: hex_of(&artifact.primary_blob_digest)?,
+            disk_size: artifact.primary_blob_size_bytes,
+            attachment_id: attachment.id,
+            attachment_name: attachment.name,
+            attachment_sha256: hex_of(&attachment.blob_digest)?,
+            attachment_size: attachment.blob_size_bytes,
+            combined_sha256: incus.combined_sha256,
+        };
+        if let Some((_, v)) = versions.get_mut(&version_id) {
+            v.artifacts.push(entry);
+        }
+    }
+    for (_, (image_id, version)) in versions {
+        if version.artifacts.is_empty() {
+            continue;
+        }
+        if let Some(image) = found.get_mut(&image_id) {
+            image.versions.push(version);
+        }
+    }
+    let mut out = Vec::with_capacity(found.len());
+    for (image_id, mut image) in found {
+        if image.versions.is_empty() {
+            continue;
+        }
+        image.aliases = txn
+            .aliases_of(image_id)?
+            .into_iter()
+            .map(|a| SnapshotAlias {
+                name: a.alias,
+                version_id: a.version_id,
+            })
+            .collect();
+        out.push(image);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(Snapshot {
+        generation,
+        images: out,
+    })
+}

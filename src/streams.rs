@@ -1,0 +1,1069 @@
+//! The Incus Simple Streams projection: a pure function from a catalog snapshot to the two
+//! documents, `streams/v1/index.json` and `streams/v1/images.json`.
+//!
+//! The rules are API.md Decision 7 and INCUS.md, which override API.md section 9:
+//! - One product per (image, version, architecture, variant), keyed
+//!   `<image>:<version>:<arch>:<variant>`, because Incus only gives aliases to the newest
+//!   version of a product; one version per product keeps every version addressable.
+//! - The version key is the publish time as `YYYYMMDD_HH:MM` (Incus drops keys that do not
+//!   start with a date) and the version string is its `label`.
+//! - Every fingerprint (`combined_disk-kvm-img_sha256`) appears once: Incus fails with "More
+//!   than one match" otherwise. A later version with identical bytes gets no product of its own;
+//!   its alias strings are added to the earliest published product with that fingerprint.
+//! - No alias string is claimed twice per architecture, counting the `{alias}/{arch}` forms
+//!   the client derives itself, because Incus then silently picks one. Version strings are
+//!   claimed before alias names (as `refs/{ref}` prefers an exact version), and earlier
+//!   published products before later ones.
+//!
+//! Output is pretty-printed JSON (2-space indent) with keys in byte order plus a trailing
+//! newline. Keys are ordered by construction (structs whose fields are declared in
+//! alphabetical order and `BTreeMap`s), so the bytes do not depend on serde_json features.
+
+use crate::error::{Error, Result};
+use crate::http::percent_encode_segment;
+use crate::store::streams::{Snapshot, SnapshotArtifact, SnapshotImage, SnapshotVersion};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use uuid::Uuid;
+
+/// The variant whose aliases carry no `/variant` suffix.
+pub const DEFAULT_VARIANT: &str = "default";
+
+/// One rendered document and its strong entity tag.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub body: Vec<u8>,
+    /// The quoted lowercase hex sha256 of `body`.
+    pub etag: String,
+}
+
+impl Document {
+    fn new(body: Vec<u8>) -> Document {
+        let etag = format!("\"{}\"", crate::validate::hex(&Sha256::digest(&body)));
+        Document { body, etag }
+    }
+}
+
+/// Both documents as of one catalog generation.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    pub generation: u64,
+    pub index: Document,
+    pub images: Document,
+    /// What was left out and why, for the caller to log once per render.
+    pub warnings: Vec<String>,
+}
+
+/// The Incus name for an architecture, or `None` when Incus does not know it (Incus drops
+/// such products silently, so they are left out).
+///
+/// Every name Incus accepts (`shared/osarch`: kernel names and their aliases) maps to one
+/// canonical name per Incus architecture, so that "per architecture" is well defined: an
+/// `x86_64` and an `amd64` artifact of the same version and variant are the same product, and
+/// the `{alias}/{arch}` forms the client derives are the same for both. The canonical name is
+/// the Debian one that images.linuxcontainers.org uses where one exists (`amd64`, `arm64`,
+/// `armhf`, `ppc64el`, `loong64`, ...), else Incus's own kernel name.
+pub fn incus_arch(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "x86_64" | "amd64" | "generic_64" => "amd64",
+        "i686" | "i386" | "i586" | "386" | "x86" | "generic_32" => "i386",
+        "aarch64" | "arm64" | "arm64_generic" => "arm64",
+        "armv7l" | "armhf" | "armhfp" | "armv7" | "armv7a_hardfp" | "armv7a_vfpv3_hardfp" => {
+            "armhf"
+        }
+        "armv6l" | "armel" | "arm" => "armel",
+        "armv8l" => "armv8l",
+        "ppc" | "powerpc" => "powerpc",
+        "ppc64" | "powerpc64" => "ppc64",
+        "ppc64le" | "ppc64el" => "ppc64el",
+        "s390x" => "s390x",
+        "mips" | "mipsel" | "mipsle" => "mips",
+        "mips64" | "mips64el" | "mips64le" => "mips64",
+        "riscv32" => "riscv32",
+        "riscv64" => "riscv64",
+        "loongarch64" | "loong64" => "loong64",
+        _ => return None,
+    })
+}
+
+// The wire shapes. Fields are declared in byte order of their JSON names, which is the order
+// serde writes them in.
+
+#[derive(Serialize)]
+struct IndexDoc {
+    format: &'static str,
+    index: IndexEntries,
+}
+
+#[derive(Serialize)]
+struct IndexEntries {
+    images: IndexEntry,
+}
+
+#[derive(Serialize)]
+struct IndexEntry {
+    datatype: &'static str,
+    format: &'static str,
+    path: &'static str,
+    /// Omitted when empty: the contract says so, and Incus skips an entry without products.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    products: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct ImagesDoc {
+    content_id: &'static str,
+    datatype: &'static str,
+    format: &'static str,
+    products: BTreeMap<String, Product>,
+}
+
+#[derive(Serialize)]
+struct Product {
+    aliases: String,
+    arch: &'static str,
+    os: String,
+    release: String,
+    release_title: String,
+    requirements: BTreeMap<String, String>,
+    variant: String,
+    versions: BTreeMap<String, ProductVersion>,
+}
+
+#[derive(Serialize)]
+struct ProductVersion {
+    items: BTreeMap<&'static str, Item>,
+    label: String,
+}
+
+#[derive(Serialize)]
+struct Item {
+    #[serde(
+        rename = "combined_disk-kvm-img_sha256",
+        skip_serializing_if = "Option::is_none"
+    )]
+    combined: Option<String>,
+    ftype: &'static str,
+    path: String,
+    sha256: String,
+    size: i64,
+}
+
+/// An eligible artifact with a known architecture, in the order products are decided.
+struct Candidate<'a> {
+    image: &'a SnapshotImage,
+    version: &'a SnapshotVersion,
+    artifact: &'a SnapshotArtifact,
+    arch: &'static str,
+}
+
+impl Candidate<'_> {
+    /// The alias strings for a version or alias name on this candidate's variant.
+    fn alias_string(&self, name: &str) -> String {
+        if self.artifact.variant == DEFAULT_VARIANT {
+            format!("{}/{name}", self.image.name)
+        } else {
+            format!("{}/{name}/{}", self.image.name, self.artifact.variant)
+        }
+    }
+}
+
+/// A product being assembled: its own candidate plus the alias strings it will try to claim.
+struct Draft<'a> {
+    key: String,
+    own: Candidate<'a>,
+    /// Strings built from version names: this product's own first, then merged versions'.
+    version_strings: Vec<String>,
+    /// Strings built from alias names, this product's and merged versions'.
+    alias_strings: Vec<String>,
+    accepted: Vec<String>,
+}
+
+/// Renders both documents from a snapshot.
+pub fn render(snapshot: &Snapshot) -> Result<Rendered> {
+    let mut warnings = Vec::new();
+    let candidates = candidates(snapshot, &mut warnings);
+    let aliases_by_version = aliases_by_version(snapshot);
+    let alias_names = |version: Uuid| -> &[String] {
+        aliases_by_version.get(&version).map_or(&[], Vec::as_slice)
+    };
+
+    // Decide the products: the first candidate with a fingerprint owns it; later ones only
+    // lend their alias strings.
+    let mut drafts: Vec<Draft> = Vec::new();
+    let mut by_fingerprint: HashMap<&str, usize> = HashMap::new();
+    let mut keys: HashSet<String> = HashSet::new();
+    let mut duplicates = Vec::new();
+    for c in candidates {
+        let artifact = c.artifact;
+        let own_version = c.alias_string(&c.version.version);
+        let own_aliases: Vec<String> = alias_names(c.version.id)
+            .iter()
+            .map(|a| c.alias_string(a))
+            .collect();
+        if let Some(&i) = by_fingerprint.get(artifact.combined_sha256.as_str()) {
+            drafts[i].version_strings.push(own_version);
+            drafts[i].alias_strings.extend(own_aliases);
+            continue;
+        }
+        let key = format!(
+            "{}:{}:{}:{}",
+            c.image.name, c.version.version, c.arch, c.artifact.variant
+        );
+        if !keys.insert(key.clone()) {
+            // Two artifacts of one version and variant whose architectures are the same to
+            // Incus (`x86_64` and `amd64`), or that differ only by operating system. Published
+            // versions never change, so failing the whole document would break it for good;
+            // the earlier artifact keeps the product instead.
+            duplicates.push(format!("{key} (artifact {})", artifact.artifact_id));
+            continue;
+        }
+        by_fingerprint.insert(artifact.combined_sha256.as_str(), drafts.len());
+        drafts.push(Draft {
+            key,
+            version_strings: vec![own_version],
+            alias_strings: own_aliases,
+            accepted: Vec::new(),
+            own: c,
+        });
+    }
+    if !duplicates.is_empty() {
+        warnings.push(format!(
+            "simple streams: left out artifacts whose product key is already taken: {}",
+            duplicates.join(", ")
+        ));
+    }
+
+    // Claim alias strings per architecture: every version string before any alias name, and
+    // within each pass in product order (earliest published first).
+    let mut claimed: HashSet<(&'static str, String)> = HashSet::new();
+    let mut dropped = Vec::new();
+    for pass in 0..2 {
+        for d in drafts.iter_mut() {
+            let arch = d.own.arch;
+            let strings = if pass == 0 {
+                std::mem::take(&mut d.version_strings)
+            } else {
+                std::mem::take(&mut d.alias_strings)
+            };
+            for s in strings {
+                if d.accepted.contains(&s) {
+                    continue;
+                }
+                let derived = format!("{s}/{arch}");
+                if claimed.contains(&(arch, s.clone()))
+                    || claimed.contains(&(arch, derived.clone()))
+                {
+                    dropped.push(format!("{s} ({arch})"));
+                    continue;
+                }
+                claimed.insert((arch, s.clone()));
+                claimed.insert((arch, derived));
+                d.accepted.push(s);
+            }
+        }
+    }
+    if !dropped.is_empty() {
+        warnings.push(format!(
+            "simple streams: left out aliases already claimed by another product: {}",
+            dropped.join(", ")
+        ));
+    }
+
+    let mut products = BTreeMap::new();
+    for d in drafts {
+        products.insert(d.key.clone(), product(d));
+    }
+    let index = IndexDoc {
+        format: "index:1.0",
+        index: IndexEntries {
+            images: IndexEntry {
+                datatype: "image-downloads",
+                format: "products:1.0",
+                path: "streams/v1/images.json",
+                products: products.keys().cloned().collect(),
+            },
+        },
+    };
+    let images = ImagesDoc {
+        content_id: "images",
+        datatype: "image-downloads",
+        format: "products:1.0",
+        products,
+    };
+    Ok(Rendered {
+        generation: snapshot.generation,
+        index: Document::new(pretty(&index)?),
+        images: Document::new(pretty(&images)?),
+        warnings,
+    })
+}
+
+/// The eligible artifacts Incus can use, ordered by publish time (then image, version,
+/// architecture, variant and the rest, so the order is total and rendering deterministic).
+fn candidates<'a>(snapshot: &'a Snapshot, warnings: &mut Vec<String>) -> Vec<Candidate<'a>> {
+    let mut unknown = BTreeSet::new();
+    let mut out = Vec::new();
+    for image in &snapshot.images {
+        for version in &image.versions {
+            for artifact in &version.artifacts {
+                match incus_arch(&artifact.architecture) {
+                    Some(arch) => out.push(Candidate {
+                        image,
+                        version,
+                        artifact,
+                        arch,
+                    }),
+                    None => {
+                        unknown.insert(artifact.architecture.as_str());
+                    }
+                }
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        warnings.push(format!(
+            "simple streams: left out artifacts with architectures Incus does not know: {}",
+            unknown.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    out.sort_by(|a, b| {
+        let key = |c: &Candidate<'a>| {
+            (
+                c.version.published_at,
+                c.image.name.as_str(),
+                c.version.version.as_str(),
+                c.version.id,
+                c.arch,
+                c.artifact.variant != DEFAULT_VARIANT,
+                c.artifact.variant.as_str(),
+                c.artifact.operating_system.as_str(),
+                c.artifact.architecture.as_str(),
+                c.artifact.artifact_id,
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    out
+}
+
+/// Alias names per target version id, sorted.
+fn aliases_by_version(snapshot: &Snapshot) -> HashMap<Uuid, Vec<String>> {
+    let mut out: HashMap<Uuid, Vec<String>> = HashMap::new();
+    for image in &snapshot.images {
+        for alias in &image.aliases {
+            // An alias can only target a version of its own image; anything else is ignored
+            // rather than rendered under the wrong image name.
+            if image.versions.iter().any(|v| v.id == alias.version_id) {
+                out.entry(alias.version_id)
+                    .or_default()
+                    .push(alias.name.clone());
+            }
+        }
+    }
+    for names in out.values_mut() {
+        names.sort();
+        names.dedup();
+    }
+    out
+}
+
+fn product(d: Draft) -> Product {
+    let Draft {
+        own: c,
+        mut accepted,
+        ..
+    } = d;
+    let own = c.alias_string(&c.version.version);
+    // The product's own version string leads; the rest follow in byte order.
+    let lead = accepted
+        .iter()
+        .position(|s| *s == own)
+        .map(|i| accepted.remove(i));
+    accepted.sort();
+    let aliases: Vec<String> = lead.into_iter().chain(accepted).collect();
+
+    let image = percent_encode_segment(&c.image.name);
+    let version = percent_encode_segment(&c.version.version);
+    let artifact = c.artifact;
+    let base = format!(
+        "v1/images/{image}/versions/{version}/artifacts/{}",
+        artifact.artifact_id
+    );
+    let mut items = BTreeMap::new();
+    items.insert(
+        "incus.tar.xz",
+        Item {
+            combined: Some(artifact.combined_sha256.clone()),
+            ftype: "incus.tar.xz",
+            path: format!(
+                "{base}/attachments/{}/download/{}",
+                artifact.attachment_id,
+                percent_encode_segment(&artifact.attachment_name)
+            ),
+            sha256: artifact.attachment_sha256.clone(),
+            size: artifact.attachment_size,
+        },
+    );
+    items.insert(
+        "disk-kvm.img",
+        Item {
+            combined: None,
+            ftype: "disk-kvm.img",
+            path: format!(
+                "{base}/download/{}",
+                percent_encode_segment(&format!("disk.{}", artifact.format))
+            ),
+            sha256: artifact.disk_sha256.clone(),
+            size: artifact.disk_size,
+        },
+    );
+    let mut versions = BTreeMap::new();
+    versions.insert(
+        c.version.published_at.serial(),
+        ProductVersion {
+            items,
+            label: c.version.version.clone(),
+        },
+    );
+    let release_title = match &c.image.display_name {
+        Some(t) if crate::validate::non_blank(t) => t.clone(),
+        _ => format!("{} {}", c.image.name, c.version.version),
+    };
+    Product {
+        aliases: aliases.join(","),
+        arch: c.arch,
+        os: artifact.operating_system.clone(),
+        release: c.version.version.clone(),
+        release_title,
+        requirements: BTreeMap::new(),
+        variant: artifact.variant.clone(),
+        versions,
+    }
+}
+
+/// Pretty JSON with a 2-space indent and one trailing newline.
+fn pretty<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let mut body = serde_json::to_vec_pretty(value)
+        .map_err(|e| Error::internal(format!("incus materialization: {e}")))?;
+    body.push(b'\n');
+    Ok(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Timestamp;
+    use crate::store::streams::SnapshotAlias;
+    use serde_json::{Value, json};
+
+    fn id(n: u128) -> Uuid {
+        Uuid::from_u128(n)
+    }
+
+    fn at(s: &str) -> Timestamp {
+        Timestamp::parse_rfc3339(s).unwrap()
+    }
+
+    fn hex64(c: char) -> String {
+        std::iter::repeat_n(c, 64).collect()
+    }
+
+    /// An eligible artifact whose ids derive from `n` (artifact `n`, attachment `n + 0x100`) and
+    /// whose fingerprint is 64 times `fp`.
+    fn artifact(n: u128, arch: &str, variant: &str, fp: char) -> SnapshotArtifact {
+        SnapshotArtifact {
+            artifact_id: id(n),
+            architecture: arch.to_string(),
+            operating_system: "debian".to_string(),
+            variant: variant.to_string(),
+            format: "qcow2".to_string(),
+            disk_sha256: hex64('1'),
+            disk_size: 1000,
+            attachment_id: id(n + 0x100),
+            attachment_name: "incus.tar.xz".to_string(),
+            attachment_sha256: hex64('2'),
+            attachment_size: 100,
+            combined_sha256: hex64(fp),
+        }
+    }
+
+    fn version(
+        n: u128,
+        v: &str,
+        published: &str,
+        artifacts: Vec<SnapshotArtifact>,
+    ) -> SnapshotVersion {
+        SnapshotVersion {
+            id: id(n),
+            version: v.to_string(),
+            published_at: at(published),
+            artifacts,
+        }
+    }
+
+    fn image(
+        name: &str,
+        display_name: Option<&str>,
+        versions: Vec<SnapshotVersion>,
+        aliases: &[(&str, u128)],
+    ) -> SnapshotImage {
+        SnapshotImage {
+            name: name.to_string(),
+            display_name: display_name.map(str::to_string),
+            versions,
+            aliases: aliases
+                .iter()
+                .map(|(a, v)| SnapshotAlias {
+                    name: a.to_string(),
+                    version_id: id(*v),
+                })
+                .collect(),
+        }
+    }
+
+    fn snapshot(images: Vec<SnapshotImage>) -> Snapshot {
+        Snapshot {
+            generation: 7,
+            images,
+        }
+    }
+
+    fn parse(d: &Document) -> Value {
+        serde_json::from_slice(&d.body).unwrap()
+    }
+
+    fn text(d: &Document) -> &str {
+        std::str::from_utf8(&d.body).unwrap()
+    }
+
+    /// `products` of images.json.
+    fn products(r: &Rendered) -> serde_json::Map<String, Value> {
+        parse(&r.images)["products"].as_object().unwrap().clone()
+    }
+
+    fn aliases_of(r: &Rendered, key: &str) -> String {
+        products(r)[key]["aliases"].as_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn empty_catalog() {
+        let r = render(&snapshot(vec![])).unwrap();
+        assert_eq!(
+            text(&r.index),
+            r#"{
+  "format": "index:1.0",
+  "index": {
+    "images": {
+      "datatype": "image-downloads",
+      "format": "products:1.0",
+      "path": "streams/v1/images.json"
+    }
+  }
+}
+"#
+        );
+        assert_eq!(
+            text(&r.images),
+            r#"{
+  "content_id": "images",
+  "datatype": "image-downloads",
+  "format": "products:1.0",
+  "products": {}
+}
+"#
+        );
+        assert_eq!(r.generation, 7);
+        assert!(r.warnings.is_empty());
+    }
+
+    #[test]
+    fn one_image_golden() {
+        let s = snapshot(vec![image(
+            "debian-bookworm",
+            None,
+            vec![version(
+                0x10,
+                "12.5.0",
+                "2026-05-11T05:24:59Z",
+                vec![artifact(0xa1, "x86_64", "default", '3')],
+            )],
+            &[("latest", 0x10)],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(
+            text(&r.index),
+            r#"{
+  "format": "index:1.0",
+  "index": {
+    "images": {
+      "datatype": "image-downloads",
+      "format": "products:1.0",
+      "path": "streams/v1/images.json",
+      "products": [
+        "debian-bookworm:12.5.0:amd64:default"
+      ]
+    }
+  }
+}
+"#
+        );
+        let expected = r#"{
+  "content_id": "images",
+  "datatype": "image-downloads",
+  "format": "products:1.0",
+  "products": {
+    "debian-bookworm:12.5.0:amd64:default": {
+      "aliases": "debian-bookworm/12.5.0,debian-bookworm/latest",
+      "arch": "amd64",
+      "os": "debian",
+      "release": "12.5.0",
+      "release_title": "debian-bookworm 12.5.0",
+      "requirements": {},
+      "variant": "default",
+      "versions": {
+        "20260511_05:24": {
+          "items": {
+            "disk-kvm.img": {
+              "ftype": "disk-kvm.img",
+              "path": "v1/images/debian-bookworm/versions/12.5.0/artifacts/00000000-0000-0000-0000-0000000000a1/download/disk.qcow2",
+              "sha256": "DISK",
+              "size": 1000
+            },
+            "incus.tar.xz": {
+              "combined_disk-kvm-img_sha256": "COMBINED",
+              "ftype": "incus.tar.xz",
+              "path": "v1/images/debian-bookworm/versions/12.5.0/artifacts/00000000-0000-0000-0000-0000000000a1/attachments/00000000-0000-0000-0000-0000000001a1/download/incus.tar.xz",
+              "sha256": "META",
+              "size": 100
+            }
+          },
+          "label": "12.5.0"
+        }
+      }
+    }
+  }
+}
+"#
+        .replace("DISK", &hex64('1'))
+        .replace("META", &hex64('2'))
+        .replace("COMBINED", &hex64('3'));
+        assert_eq!(text(&r.images), expected);
+        // The entity tag is the quoted sha256 of exactly these bytes.
+        assert_eq!(
+            r.images.etag,
+            format!(
+                "\"{}\"",
+                crate::validate::hex(&Sha256::digest(expected.as_bytes()))
+            )
+        );
+        assert_ne!(r.index.etag, r.images.etag);
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn two_architectures_make_two_products() {
+        let s = snapshot(vec![image(
+            "img",
+            Some("My Image"),
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-01-02T03:04:05Z",
+                vec![
+                    artifact(0xa1, "x86_64", "default", 'a'),
+                    artifact(0xa2, "aarch64", "default", 'b'),
+                ],
+            )],
+            &[],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(
+            parse(&r.index)["index"]["images"]["products"],
+            json!(["img:1.0:amd64:default", "img:1.0:arm64:default"])
+        );
+        let p = products(&r);
+        assert_eq!(p["img:1.0:amd64:default"]["arch"], "amd64");
+        assert_eq!(p["img:1.0:arm64:default"]["arch"], "arm64");
+        // Each architecture carries the same alias: Incus keeps aliases per architecture.
+        assert_eq!(p["img:1.0:arm64:default"]["aliases"], "img/1.0");
+        assert_eq!(p["img:1.0:amd64:default"]["aliases"], "img/1.0");
+        let item =
+            &p["img:1.0:arm64:default"]["versions"]["20260102_03:04"]["items"]["incus.tar.xz"];
+        assert_eq!(item["combined_disk-kvm-img_sha256"], hex64('b'));
+    }
+
+    #[test]
+    fn non_default_variant_aliases_carry_the_variant() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-01-02T03:04:05Z",
+                vec![
+                    artifact(0xa1, "x86_64", "default", 'a'),
+                    artifact(0xa2, "x86_64", "cloud", 'b'),
+                ],
+            )],
+            &[("stable", 0x10)],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(
+            aliases_of(&r, "img:1.0:amd64:default"),
+            "img/1.0,img/stable"
+        );
+        assert_eq!(
+            aliases_of(&r, "img:1.0:amd64:cloud"),
+            "img/1.0/cloud,img/stable/cloud"
+        );
+        assert_eq!(products(&r)["img:1.0:amd64:cloud"]["variant"], "cloud");
+    }
+
+    #[test]
+    fn unknown_architecture_is_left_out_and_reported() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-01-02T03:04:05Z",
+                vec![
+                    artifact(0xa1, "x86_64", "default", 'a'),
+                    artifact(0xa2, "pdp11", "default", 'b'),
+                    artifact(0xa3, "X86_64", "cloud", 'c'),
+                ],
+            )],
+            &[],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(
+            parse(&r.index)["index"]["images"]["products"],
+            json!(["img:1.0:amd64:default"])
+        );
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("X86_64, pdp11"), "{:?}", r.warnings);
+    }
+
+    #[test]
+    fn only_unknown_architectures_give_an_empty_index() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-01-02T03:04:05Z",
+                vec![artifact(0xa1, "vax", "default", 'a')],
+            )],
+            &[("latest", 0x10)],
+        )]);
+        let r = render(&s).unwrap();
+        assert!(parse(&r.index)["index"]["images"].get("products").is_none());
+        assert_eq!(parse(&r.images)["products"], json!({}));
+    }
+
+    #[test]
+    fn architecture_names_follow_incus() {
+        for (given, want) in [
+            ("x86_64", Some("amd64")),
+            ("amd64", Some("amd64")),
+            ("aarch64", Some("arm64")),
+            ("arm64", Some("arm64")),
+            ("i686", Some("i386")),
+            ("i386", Some("i386")),
+            ("armv7l", Some("armhf")),
+            ("armhf", Some("armhf")),
+            ("ppc64le", Some("ppc64el")),
+            ("ppc64el", Some("ppc64el")),
+            ("s390x", Some("s390x")),
+            ("riscv64", Some("riscv64")),
+            ("loongarch64", Some("loong64")),
+            ("loong64", Some("loong64")),
+            ("X86_64", None),
+            ("sparc64", None),
+            ("", None),
+        ] {
+            assert_eq!(incus_arch(given), want, "{given}");
+        }
+    }
+
+    #[test]
+    fn same_architecture_under_two_names_is_one_product() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-01-02T03:04:05Z",
+                vec![
+                    artifact(0xa1, "x86_64", "default", 'a'),
+                    artifact(0xa2, "amd64", "default", 'b'),
+                ],
+            )],
+            &[],
+        )]);
+        let r = render(&s).unwrap();
+        let p = products(&r);
+        assert_eq!(p.len(), 1);
+        // `amd64` sorts before `x86_64`, so that artifact keeps the product.
+        assert_eq!(
+            p["img:1.0:amd64:default"]["versions"]["20260102_03:04"]["items"]["incus.tar.xz"]["combined_disk-kvm-img_sha256"],
+            hex64('b')
+        );
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("img:1.0:amd64:default"));
+    }
+
+    #[test]
+    fn identical_bytes_are_one_product_with_merged_aliases() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![
+                // Listed newest first on purpose: the renderer orders by publish time.
+                version(
+                    0x12,
+                    "1.2",
+                    "2026-03-01T00:00:00Z",
+                    vec![artifact(0xa3, "x86_64", "default", 'f')],
+                ),
+                version(
+                    0x11,
+                    "1.1",
+                    "2026-02-01T00:00:00Z",
+                    vec![artifact(0xa2, "x86_64", "default", 'e')],
+                ),
+                version(
+                    0x10,
+                    "1.0",
+                    "2026-01-01T00:00:00Z",
+                    vec![artifact(0xa1, "x86_64", "default", 'e')],
+                ),
+            ],
+            &[("latest", 0x11), ("stable", 0x10)],
+        )]);
+        let r = render(&s).unwrap();
+        let p = products(&r);
+        assert_eq!(
+            p.keys().collect::<Vec<_>>(),
+            ["img:1.0:amd64:default", "img:1.2:amd64:default"]
+        );
+        assert_eq!(
+            aliases_of(&r, "img:1.0:amd64:default"),
+            "img/1.0,img/1.1,img/latest,img/stable"
+        );
+        assert_eq!(aliases_of(&r, "img:1.2:amd64:default"), "img/1.2");
+        // The fingerprint appears exactly once in the whole document.
+        assert_eq!(text(&r.images).matches(&hex64('e')).count(), 1);
+        // The product describes the version that owns it.
+        assert_eq!(p["img:1.0:amd64:default"]["release"], "1.0");
+    }
+
+    #[test]
+    fn identical_bytes_of_a_variant_merge_with_the_variant_suffix() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-01-01T00:00:00Z",
+                vec![
+                    artifact(0xa1, "x86_64", "default", 'e'),
+                    artifact(0xa2, "x86_64", "cloud", 'e'),
+                ],
+            )],
+            &[],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(products(&r).len(), 1);
+        assert_eq!(
+            aliases_of(&r, "img:1.0:amd64:default"),
+            "img/1.0,img/1.0/cloud"
+        );
+    }
+
+    #[test]
+    fn moving_an_alias_moves_it_between_products() {
+        let versions = || {
+            vec![
+                version(
+                    0x10,
+                    "1.0",
+                    "2026-01-01T00:00:00Z",
+                    vec![artifact(0xa1, "x86_64", "default", 'a')],
+                ),
+                version(
+                    0x11,
+                    "1.1",
+                    "2026-02-01T00:00:00Z",
+                    vec![artifact(0xa2, "x86_64", "default", 'b')],
+                ),
+            ]
+        };
+        let before = render(&snapshot(vec![image(
+            "img",
+            None,
+            versions(),
+            &[("latest", 0x10)],
+        )]))
+        .unwrap();
+        assert_eq!(
+            aliases_of(&before, "img:1.0:amd64:default"),
+            "img/1.0,img/latest"
+        );
+        assert_eq!(aliases_of(&before, "img:1.1:amd64:default"), "img/1.1");
+        let after = render(&snapshot(vec![image(
+            "img",
+            None,
+            versions(),
+            &[("latest", 0x11)],
+        )]))
+        .unwrap();
+        assert_eq!(aliases_of(&after, "img:1.0:amd64:default"), "img/1.0");
+        assert_eq!(
+            aliases_of(&after, "img:1.1:amd64:default"),
+            "img/1.1,img/latest"
+        );
+        assert_ne!(before.images.etag, after.images.etag);
+        // The product list did not change, so neither did index.json.
+        assert_eq!(before.index.etag, after.index.etag);
+    }
+
+    #[test]
+    fn an_alias_named_like_a_version_yields_to_the_version() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![
+                version(
+                    0x10,
+                    "stable",
+                    "2026-01-01T00:00:00Z",
+                    vec![artifact(0xa1, "x86_64", "default", 'a')],
+                ),
+                version(
+                    0x11,
+                    "2.0",
+                    "2026-02-01T00:00:00Z",
+                    vec![artifact(0xa2, "x86_64", "default", 'b')],
+                ),
+            ],
+            // `stable` as an alias would claim `img/stable` a second time on amd64.
+            &[("stable", 0x11), ("latest", 0x11)],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(aliases_of(&r, "img:stable:amd64:default"), "img/stable");
+        assert_eq!(
+            aliases_of(&r, "img:2.0:amd64:default"),
+            "img/2.0,img/latest"
+        );
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("img/stable (amd64)"));
+    }
+
+    #[test]
+    fn release_title_uses_display_name_unless_blank() {
+        let one = |display: Option<&str>| {
+            let r = render(&snapshot(vec![image(
+                "img",
+                display,
+                vec![version(
+                    0x10,
+                    "1.0",
+                    "2026-01-01T00:00:00Z",
+                    vec![artifact(0xa1, "x86_64", "default", 'a')],
+                )],
+                &[],
+            )]))
+            .unwrap();
+            products(&r)["img:1.0:amd64:default"]["release_title"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(one(Some("Debian 12 (bookworm)")), "Debian 12 (bookworm)");
+        assert_eq!(one(Some(" \t")), "img 1.0");
+        assert_eq!(one(None), "img 1.0");
+    }
+
+    #[test]
+    fn path_segments_are_escaped_and_aliases_are_not() {
+        let r = render(&snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0+b1:2",
+                "2026-01-01T00:00:00Z",
+                vec![artifact(0xa1, "x86_64", "default", 'a')],
+            )],
+            &[],
+        )]))
+        .unwrap();
+        let p = &products(&r)["img:1.0+b1:2:amd64:default"];
+        assert_eq!(p["aliases"], "img/1.0+b1:2");
+        assert_eq!(p["release"], "1.0+b1:2");
+        let path = p["versions"]["20260101_00:00"]["items"]["disk-kvm.img"]["path"]
+            .as_str()
+            .unwrap();
+        assert!(
+            path.starts_with("v1/images/img/versions/1.0%2Bb1%3A2/artifacts/"),
+            "{path}"
+        );
+        assert!(path.ends_with("/download/disk.qcow2"), "{path}");
+    }
+
+    #[test]
+    fn output_does_not_depend_on_snapshot_order() {
+        let a = image(
+            "a",
+            None,
+            vec![
+                version(
+                    0x10,
+                    "1",
+                    "2026-01-01T00:00:00Z",
+                    vec![
+                        artifact(0xa1, "x86_64", "default", 'a'),
+                        artifact(0xa2, "aarch64", "default", 'b'),
+                    ],
+                ),
+                version(
+                    0x11,
+                    "2",
+                    "2026-01-01T00:00:00Z",
+                    vec![artifact(0xa3, "x86_64", "default", 'a')],
+                ),
+            ],
+            &[("latest", 0x11)],
+        );
+        let b = image(
+            "b",
+            None,
+            vec![version(
+                0x20,
+                "1",
+                "2026-01-01T00:00:00Z",
+                vec![artifact(0xb1, "x86_64", "default", 'c')],
+            )],
+            &[],
+        );
+        let first = render(&snapshot(vec![a.clone(), b.clone()])).unwrap();
+        let mut a2 = a;
+        a2.versions.reverse();
+        for v in a2.versions.iter_mut() {
+            v.artifacts.reverse();
+        }
+        let second = render(&snapshot(vec![b, a2])).unwrap();
+        assert_eq!(first.images.body, second.images.body);
+        assert_eq!(first.index.body, second.index.body);
+        // Same publish minute: the version string breaks the tie, so `1` owns the bytes.
+        assert_eq!(aliases_of(&first, "a:1:amd64:default"), "a/1,a/2,a/latest");
+    }
+}

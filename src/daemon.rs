@@ -64,6 +64,12 @@ pub fn serve(config: Config) -> Result<(), String> {
         stats: Arc::new(Stats::default()),
         stop: stop.clone(),
     });
+    if let Some(m) = &config.metrics_listen {
+        let l = TcpListener::bind(m).map_err(|e| format!("cannot listen for metrics on {m}: {e}"))?;
+        let shown = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| m.clone());
+        crate::metrics::serve(l, store.clone(), door.stats.clone());
+        log::info(&format!("metrics on http://{shown}/metrics"));
+    }
     watch_signals(stop.clone())?;
     app.ready.store(true, Ordering::SeqCst);
     log::info(&format!("listening on {scheme}://{addr}"));

@@ -12,6 +12,7 @@ pub mod frontdoor;
 pub mod http;
 pub mod jobs;
 pub mod log;
+pub mod metrics;
 pub mod model;
 pub mod server;
 pub mod store;

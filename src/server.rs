@@ -170,6 +170,9 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
     } else {
         write_response(rq.into_writer(), response, &id, head_only, close)
     };
+    let route = api::route_template(&path);
+    let bytes_sent = sent.as_ref().copied().unwrap_or(0);
+    crate::metrics::record_request(route, &method, status, started.elapsed(), body_read, bytes_sent);
     log::event(
         "info",
         2,
@@ -177,6 +180,7 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
         &[
             ("request_id", id),
             ("method", method),
+            ("route", route.to_string()),
             ("path", path),
             ("status", status.to_string()),
             (

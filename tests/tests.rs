@@ -4,6 +4,9 @@
 mod util;
 
 mod api_uploads;
+mod frontdoor;
+mod metrics;
 mod smoke;
+mod crash;
 mod storage;
 mod streams;

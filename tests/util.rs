@@ -64,7 +64,11 @@ impl Server {
             .args(["--listen", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(self.dir.path())
-            .args(["--metrics-listen", ""])
+            .args(if self.extra.iter().any(|a| a == "--metrics-listen") {
+                &[][..]
+            } else {
+                &["--metrics-listen", ""][..]
+            })
             .args(["--sweep-interval", "1s"])
             .args(&self.extra)
             .stdin(Stdio::null())

@@ -251,8 +251,8 @@ fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> Handler
             "application/yaml",
             OPENAPI_YAML.as_bytes().to_vec(),
         )),
-        (StreamsIndex, _) => streams::serve(app, req, streams::Which::Index),
-        (StreamsImages, _) => streams::serve(app, req, streams::Which::Images),
+        (StreamsIndex, _) => Ok(streams::serve(app, req, streams::Which::Index)),
+        (StreamsImages, _) => Ok(streams::serve(app, req, streams::Which::Images)),
         (Uploads, _) => uploads::begin(app, req),
         (Upload(id), _) => uploads::get(app, &id),
         (UploadPart(id, n), _) => uploads::put_part(app, req, &id, &n),
@@ -361,4 +361,53 @@ pub(crate) fn uuid_param(s: &str, what: &str) -> Result<Uuid, Response> {
         return Err(problem(400, &format!("{what} must be a UUID")));
     }
     Uuid::parse_str(s).map_err(|_| problem(400, &format!("{what} must be a UUID")))
+}
+
+/// The route template of a path, for bounded metric labels and logs (never the raw path).
+pub fn route_template(path: &str) -> &'static str {
+    use Route::*;
+    let Some(route) = parse_route(path) else {
+        return "unmatched";
+    };
+    match route {
+        Healthz => "/healthz",
+        Readyz => "/readyz",
+        OpenApi => "/openapi/v1.yaml",
+        StreamsIndex => "/streams/v1/index.json",
+        StreamsImages => "/streams/v1/images.json",
+        Uploads => "/v1/uploads",
+        Upload(..) => "/v1/uploads/{upload_id}",
+        UploadPart(..) => "/v1/uploads/{upload_id}/parts/{part_number}",
+        UploadComplete(..) => "/v1/uploads/{upload_id}/complete",
+        UploadAbort(..) => "/v1/uploads/{upload_id}/abort",
+        Blob(..) => "/v1/blobs/{digest}",
+        Images => "/v1/images",
+        Image(..) => "/v1/images/{name}",
+        Versions(..) => "/v1/images/{name}/versions",
+        Version(..) => "/v1/images/{name}/versions/{version}",
+        Artifacts(..) => "/v1/images/{name}/versions/{version}/artifacts",
+        Artifact(..) => "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}",
+        ArtifactDownload(..) => {
+            "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/download"
+        }
+        Attachments(..) => "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/attachments",
+        Attachment(..) => {
+            "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/attachments/{attachment_id}"
+        }
+        AttachmentDownload(..) => {
+            "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/attachments/{attachment_id}/download"
+        }
+        Publish(..) => "/v1/images/{name}/versions/{version}/publish",
+        Job(..) => "/v1/publish-jobs/{job_id}",
+        JobRetry(..) => "/v1/publish-jobs/{job_id}/retry",
+        Aliases(..) => "/v1/images/{name}/aliases",
+        Alias(..) => "/v1/images/{name}/aliases/{alias}",
+        Ref(..) => "/v1/images/{name}/refs/{ref}",
+        Roles => "/v1/auth/roles",
+        Principals => "/v1/auth/principals",
+        Principal(..) => "/v1/auth/principals/{principal_id}",
+        PrincipalRole(..) => "/v1/auth/principals/{principal_id}/roles/{role_id}",
+        PrincipalTokens(..) => "/v1/auth/principals/{principal_id}/api-tokens",
+        Token(..) => "/v1/auth/api-tokens/{token_id}",
+    }
 }

@@ -6,7 +6,7 @@
 //! unchanged catalog costs one small read transaction per request, and a changed one is
 //! rendered once, by the first request that notices.
 
-use super::{App, HandlerResult};
+use super::App;
 use crate::http::{Request, Response, not_modified, problem};
 use crate::log;
 use crate::streams::{Document, Rendered, render};
@@ -19,8 +19,11 @@ pub enum Which {
     Images,
 }
 
-pub fn serve(app: &App, req: &Request, which: Which) -> HandlerResult {
-    let rendered = current(app).map_err(|detail| problem(500, &detail))?;
+pub fn serve(app: &App, req: &Request, which: Which) -> Response {
+    let rendered = match current(app) {
+        Ok(r) => r,
+        Err(detail) => return problem(500, &detail),
+    };
     let doc: &Document = match which {
         Which::Index => &rendered.index,
         Which::Images => &rendered.images,
@@ -33,13 +36,13 @@ pub fn serve(app: &App, req: &Request, which: Which) -> HandlerResult {
         &doc.etag,
         crate::clock::Timestamp(0),
     ) {
-        return Ok(Response::new(304)
+        return Response::new(304)
             .header("ETag", doc.etag.clone())
-            .header("Cache-Control", "no-cache"));
+            .header("Cache-Control", "no-cache");
     }
-    Ok(Response::bytes(200, "application/json", doc.body.clone())
+    Response::bytes(200, "application/json", doc.body.clone())
         .header("ETag", doc.etag.clone())
-        .header("Cache-Control", "no-cache"))
+        .header("Cache-Control", "no-cache")
 }
 
 /// The documents for the current generation, rendered now if the cache is stale.

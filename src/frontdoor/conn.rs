@@ -284,7 +284,8 @@ fn relay<C: Client>(
         .and_then(|s| s.parse().ok())
         .unwrap_or(502);
     let mut resp_len: Option<u64> = None;
-    let reuse = !early;
+    // A client that asked to close is told so in the answer (RFC 9112 9.6).
+    let reuse = !early && head.keep_alive();
     let mut rhead = Vec::with_capacity(rhead_len + 32);
     rhead.extend_from_slice(status_line.as_bytes());
     rhead.extend_from_slice(b"\r\n");
@@ -307,6 +308,9 @@ fn relay<C: Client>(
     let reuse = reuse && (bodyless || resp_len.is_some());
     if !reuse {
         rhead.extend_from_slice(b"Connection: close\r\n");
+    } else if head.version == "HTTP/1.0" {
+        // An HTTP/1.0 client keeps the connection only when the answer says so.
+        rhead.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     rhead.extend_from_slice(b"\r\n");
     client.write_all(&rhead)?;

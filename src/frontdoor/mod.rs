@@ -58,7 +58,9 @@ pub struct Backend {
 /// File descriptors one relayed connection can hold at once: the client socket, our end of
 /// the backend socket, and tiny_http's accepted socket plus its clone.
 const FDS_PER_CONNECTION: usize = 4;
-/// File descriptors kept free for the database, listeners, logging and a 503 reply.
+/// File descriptors kept free for the database, listeners, logging and a 503 reply. Under a
+/// small limit only a quarter of it is kept, or a reserve larger than the limit would refuse
+/// every connection for good.
 const FD_RESERVE: usize = 64;
 
 /// Live counters, exported as metrics.
@@ -99,7 +101,7 @@ fn fd_budget(base_fds: usize) -> usize {
         .current
         .unwrap_or(u64::MAX)
         .min(1 << 30) as usize;
-    soft.saturating_sub(base_fds + FD_RESERVE) / FDS_PER_CONNECTION
+    soft.saturating_sub(base_fds + FD_RESERVE.min(soft / 4)) / FDS_PER_CONNECTION
 }
 
 fn open_fds() -> usize {

@@ -5,7 +5,7 @@
 //! would occupy 2 MiB on disk; 1 MiB - 64 bytes leaves room for the key and the page header
 //! and costs about 3 %.
 
-use super::tables::{CHUNK_REFS, CHUNKS};
+use super::tables::{CHUNK_REFS, CHUNKS, META};
 use crate::error::{Error, Result};
 use redb::{ReadableTable, WriteTransaction};
 use sha2::{Digest, Sha256};
@@ -74,6 +74,7 @@ pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<
     if count == 0 {
         let mut chunks = txn.open_table(CHUNKS)?;
         chunks.insert(&chunk.hash, data)?;
+        count_stored(txn, 1, data.len() as i64)?;
     }
     refs.insert(&chunk.hash, count + 1)?;
     Ok(())
@@ -100,6 +101,7 @@ pub fn add_refs(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
 pub fn release(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
     let mut refs = txn.open_table(CHUNK_REFS)?;
     let mut chunks = txn.open_table(CHUNKS)?;
+    let (mut freed, mut freed_bytes) = (0i64, 0i64);
     for c in list {
         let count = refs.get(&c.hash)?.map(|v| v.value()).unwrap_or(0);
         match count {
@@ -107,11 +109,28 @@ pub fn release(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
             1 => {
                 refs.remove(&c.hash)?;
                 chunks.remove(&c.hash)?;
+                freed += 1;
+                freed_bytes += c.len as i64;
             }
             n => {
                 refs.insert(&c.hash, n - 1)?;
             }
         }
+    }
+    drop((refs, chunks));
+    if freed > 0 {
+        count_stored(txn, -freed, -freed_bytes)?;
+    }
+    Ok(())
+}
+
+/// Keeps `meta` counters of stored chunks and their bytes up to date, in the same transaction
+/// as the change, so metrics need not scan the chunk table.
+fn count_stored(txn: &WriteTransaction, chunks: i64, bytes: i64) -> Result<()> {
+    let mut meta = txn.open_table(META)?;
+    for (key, delta) in [("chunk_count", chunks), ("chunk_bytes", bytes)] {
+        let now = meta.get(key)?.map(|v| v.value()).unwrap_or(0) as i64;
+        meta.insert(key, (now + delta).max(0) as u64)?;
     }
     Ok(())
 }

@@ -8,12 +8,13 @@
 
 use super::catalog::CatalogRead;
 use super::tables::*;
-use super::{Store, decode};
+use super::{Store, decode, load};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::model::{IncusRow, VersionState};
+use crate::model::{Image, IncusRow, VersionState};
 use redb::{ReadTransaction, ReadableTable};
 use std::collections::BTreeMap;
+use std::collections::btree_map::Entry;
 use uuid::Uuid;
 
 /// The artifact format Incus can boot as a VM disk (`disk-kvm.img`).
@@ -97,57 +98,21 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
         .map(|v| v.value())
         .unwrap_or(0);
     let images = txn.open_table(IMAGES)?;
-    // Keyed by image id, then version id, so rows of one version land together.
     let mut found: BTreeMap<Uuid, SnapshotImage> = BTreeMap::new();
-    let mut versions: BTreeMap<Uuid, (Uuid, SnapshotVersion)> = BTreeMap::new();
-    let mut skipped_versions: Vec<Uuid> = Vec::new();
+    // Version id -> (image id, version), or `None` for a version that is not published.
+    let mut versions: BTreeMap<Uuid, Option<(Uuid, SnapshotVersion)>> = BTreeMap::new();
     for row in txn.open_table(INCUS_ROWS)?.iter()? {
         let (key, value) = row?;
         let (version_id, artifact_id) = key.value();
-        let version_id = Uuid::from_u128(version_id);
+        let (version_id, artifact_id) = (Uuid::from_u128(version_id), Uuid::from_u128(artifact_id));
         let incus: IncusRow = decode(value.value(), "incus row")?;
-        if skipped_versions.contains(&version_id) {
+        let slot = match versions.entry(version_id) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => e.insert(load_version(txn, &images, &mut found, version_id)?),
+        };
+        let Some((_, version)) = slot else {
             continue;
-        }
-        if !versions.contains_key(&version_id) {
-            let v = txn.version_by_id(version_id)?.ok_or_else(|| {
-                Error::internal(format!("incus row names a missing version {version_id}"))
-            })?;
-            // Rows are written in the transaction that publishes the version, so this only
-            // guards against a future change of that rule: drafts never reach consumers.
-            if v.state != VersionState::Published {
-                skipped_versions.push(version_id);
-                continue;
-            }
-            if !found.contains_key(&v.image_id) {
-                let image: crate::model::Image =
-                    super::load(&images, v.image_id.as_u128(), "image")?.ok_or_else(|| {
-                        Error::internal(format!("version {version_id} names a missing image"))
-                    })?;
-                found.insert(
-                    v.image_id,
-                    SnapshotImage {
-                        name: image.name,
-                        display_name: image.display_name,
-                        versions: Vec::new(),
-                        aliases: Vec::new(),
-                    },
-                );
-            }
-            versions.insert(
-                version_id,
-                (
-                    v.image_id,
-                    SnapshotVersion {
-                        id: v.id,
-                        version: v.version,
-                        published_at: v.published_at.unwrap_or(v.created_at),
-                        artifacts: Vec::new(),
-                    },
-                ),
-            );
-        }
-        let artifact_id = Uuid::from_u128(artifact_id);
+        };
         let artifact = txn
             .artifact(artifact_id)?
             .filter(|a| a.version_id == version_id)
@@ -168,7 +133,7 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
         if artifact.format != INCUS_DISK_FORMAT || attachment.name != INCUS_METADATA_NAME {
             continue;
         }
-        let entry = SnapshotArtifact {
+        version.artifacts.push(SnapshotArtifact {
             artifact_id,
             architecture: artifact.architecture,
             operating_system: artifact.operating_system,
@@ -181,16 +146,12 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
             attachment_sha256: hex_of(&attachment.blob_digest)?,
             attachment_size: attachment.blob_size_bytes,
             combined_sha256: incus.combined_sha256,
-        };
-        if let Some((_, v)) = versions.get_mut(&version_id) {
-            v.artifacts.push(entry);
-        }
+        });
     }
-    for (_, (image_id, version)) in versions {
-        if version.artifacts.is_empty() {
-            continue;
-        }
-        if let Some(image) = found.get_mut(&image_id) {
+    for (image_id, version) in versions.into_values().flatten() {
+        if !version.artifacts.is_empty()
+            && let Some(image) = found.get_mut(&image_id)
+        {
             image.versions.push(version);
         }
     }
@@ -214,4 +175,42 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
         generation,
         images: out,
     })
+}
+
+/// Loads a version named by an Incus row, and its image into `found` on first sight. `None`
+/// when the version is not published: rows are written in the transaction that publishes the
+/// version, so this only guards against a later change of that rule, but drafts and versions
+/// still publishing must never reach consumers.
+fn load_version(
+    txn: &ReadTransaction,
+    images: &impl ReadableTable<u128, &'static [u8]>,
+    found: &mut BTreeMap<Uuid, SnapshotImage>,
+    version_id: Uuid,
+) -> Result<Option<(Uuid, SnapshotVersion)>> {
+    let v = txn.version_by_id(version_id)?.ok_or_else(|| {
+        Error::internal(format!("incus row names a missing version {version_id}"))
+    })?;
+    if v.state != VersionState::Published {
+        return Ok(None);
+    }
+    if let Entry::Vacant(e) = found.entry(v.image_id) {
+        let image: Image = load(images, v.image_id.as_u128(), "image")?.ok_or_else(|| {
+            Error::internal(format!("version {version_id} names a missing image"))
+        })?;
+        e.insert(SnapshotImage {
+            name: image.name,
+            display_name: image.display_name,
+            versions: Vec::new(),
+            aliases: Vec::new(),
+        });
+    }
+    Ok(Some((
+        v.image_id,
+        SnapshotVersion {
+            id: v.id,
+            version: v.version,
+            published_at: v.published_at.unwrap_or(v.created_at),
+            artifacts: Vec::new(),
+        },
+    )))
 }

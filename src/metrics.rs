@@ -1,0 +1,193 @@
+//! Prometheus metrics on a separate listener (`--metrics-listen`, loopback by default).
+//!
+//! Request metrics are kept in memory and labelled by route template (never the raw path), so
+//! label sets stay bounded. Storage metrics are read from the database at scrape time.
+
+use crate::frontdoor::Stats as DoorStats;
+use crate::frontdoor::head;
+use crate::store::Store;
+use crate::store::blobs::VERIFY_FAILURES;
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Upper bounds of the request duration histogram, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0, 300.0,
+];
+
+#[derive(Default, Clone)]
+struct RequestSeries {
+    count: u64,
+    duration_sum: f64,
+    buckets: [u64; BUCKETS.len()],
+}
+
+#[derive(Default)]
+struct Registry {
+    requests: BTreeMap<(&'static str, String, u16), RequestSeries>,
+    bytes_sent: BTreeMap<&'static str, u64>,
+    bytes_received: BTreeMap<&'static str, u64>,
+}
+
+fn registry() -> &'static Mutex<Registry> {
+    static R: OnceLock<Mutex<Registry>> = OnceLock::new();
+    R.get_or_init(Mutex::default)
+}
+
+/// Records one finished request.
+pub fn record_request(
+    route: &'static str,
+    method: &str,
+    status: u16,
+    duration: Duration,
+    received: u64,
+    sent: u64,
+) {
+    let Ok(mut r) = registry().lock() else { return };
+    let secs = duration.as_secs_f64();
+    let s = r
+        .requests
+        .entry((route, method.to_string(), status))
+        .or_default();
+    s.count += 1;
+    s.duration_sum += secs;
+    for (i, le) in BUCKETS.iter().enumerate() {
+        if secs <= *le {
+            s.buckets[i] += 1;
+        }
+    }
+    *r.bytes_sent.entry(route).or_default() += sent;
+    *r.bytes_received.entry(route).or_default() += received;
+}
+
+/// Renders every metric in the Prometheus text format.
+pub fn render(store: &Store, door: &DoorStats) -> String {
+    let mut out = String::new();
+    let w = &mut out;
+    {
+        let r = registry().lock().map(|r| {
+            (
+                r.requests.clone(),
+                r.bytes_sent.clone(),
+                r.bytes_received.clone(),
+            )
+        });
+        if let Ok((requests, sent, received)) = r {
+            let _ = writeln!(w, "# HELP imgsrv_http_requests_total HTTP requests by route template, method and status.");
+            let _ = writeln!(w, "# TYPE imgsrv_http_requests_total counter");
+            for ((route, method, status), s) in &requests {
+                let _ = writeln!(w, "imgsrv_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}", s.count);
+            }
+            let _ = writeln!(w, "# HELP imgsrv_http_request_duration_seconds Time to answer a request, including the body.");
+            let _ = writeln!(w, "# TYPE imgsrv_http_request_duration_seconds histogram");
+            let mut by_route: BTreeMap<&str, RequestSeries> = BTreeMap::new();
+            for ((route, _, _), s) in &requests {
+                let e = by_route.entry(route).or_default();
+                e.count += s.count;
+                e.duration_sum += s.duration_sum;
+                for i in 0..BUCKETS.len() {
+                    e.buckets[i] += s.buckets[i];
+                }
+            }
+            for (route, s) in &by_route {
+                for (i, le) in BUCKETS.iter().enumerate() {
+                    let _ = writeln!(w, "imgsrv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {}", s.buckets[i]);
+                }
+                let _ = writeln!(w, "imgsrv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}", s.count);
+                let _ = writeln!(w, "imgsrv_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", s.duration_sum);
+                let _ = writeln!(w, "imgsrv_http_request_duration_seconds_count{{route=\"{route}\"}} {}", s.count);
+            }
+            let _ = writeln!(w, "# HELP imgsrv_http_response_body_bytes_total Body bytes sent, by route template.");
+            let _ = writeln!(w, "# TYPE imgsrv_http_response_body_bytes_total counter");
+            for (route, n) in &sent {
+                let _ = writeln!(w, "imgsrv_http_response_body_bytes_total{{route=\"{route}\"}} {n}");
+            }
+            let _ = writeln!(w, "# HELP imgsrv_http_request_body_bytes_total Body bytes received, by route template.");
+            let _ = writeln!(w, "# TYPE imgsrv_http_request_body_bytes_total counter");
+            for (route, n) in &received {
+                let _ = writeln!(w, "imgsrv_http_request_body_bytes_total{{route=\"{route}\"}} {n}");
+            }
+        }
+    }
+    let gauge = |w: &mut String, name: &str, help: &str, v: u64| {
+        let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+    };
+    gauge(w, "imgsrv_connections_active", "Client connections being served by the front door.", door.active.load(Ordering::Relaxed) as u64);
+    let _ = writeln!(w, "# HELP imgsrv_connections_accepted_total Client connections accepted.\n# TYPE imgsrv_connections_accepted_total counter\nimgsrv_connections_accepted_total {}", door.accepted.load(Ordering::Relaxed));
+    let _ = writeln!(w, "# HELP imgsrv_connections_rejected_total Connections answered 503 at the connection limit.\n# TYPE imgsrv_connections_rejected_total counter\nimgsrv_connections_rejected_total {}", door.rejected_busy.load(Ordering::Relaxed));
+    let _ = writeln!(w, "# HELP imgsrv_accept_errors_total Failed accept() calls (retried).\n# TYPE imgsrv_accept_errors_total counter\nimgsrv_accept_errors_total {}", door.accept_errors.load(Ordering::Relaxed));
+    let _ = writeln!(w, "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their sha256 check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}", VERIFY_FAILURES.load(Ordering::Relaxed));
+    match store.stats() {
+        Ok(s) => {
+            let _ = writeln!(w, "# HELP imgsrv_upload_sessions Upload sessions by state.\n# TYPE imgsrv_upload_sessions gauge");
+            for state in ["created", "uploading", "completed", "ingesting", "ready", "failed", "aborted"] {
+                let _ = writeln!(w, "imgsrv_upload_sessions{{state=\"{state}\"}} {}", s.uploads_by_state.get(state).copied().unwrap_or(0));
+            }
+            let _ = writeln!(w, "# HELP imgsrv_publish_jobs Publish jobs by state.\n# TYPE imgsrv_publish_jobs gauge");
+            for state in ["queued", "running", "succeeded", "failed"] {
+                let _ = writeln!(w, "imgsrv_publish_jobs{{state=\"{state}\"}} {}", s.jobs_by_state.get(state).copied().unwrap_or(0));
+            }
+            let _ = writeln!(w, "# HELP imgsrv_publish_job_steps Publish job steps by name and state.\n# TYPE imgsrv_publish_job_steps gauge");
+            for ((name, state), n) in &s.steps_by_state {
+                let _ = writeln!(w, "imgsrv_publish_job_steps{{step=\"{name}\",state=\"{state}\"}} {n}");
+            }
+            gauge(w, "imgsrv_blobs", "Trusted blobs stored.", s.blobs);
+            gauge(w, "imgsrv_blob_bytes", "Sum of blob sizes (logical bytes, before deduplication).", s.blob_bytes);
+            gauge(w, "imgsrv_chunks", "Distinct chunks stored.", s.chunks);
+            gauge(w, "imgsrv_chunk_bytes", "Bytes of distinct chunks stored (physical, after deduplication).", s.chunk_bytes);
+            let ratio = if s.chunk_bytes == 0 { 1.0 } else { s.blob_bytes as f64 / s.chunk_bytes as f64 };
+            let _ = writeln!(w, "# HELP imgsrv_dedup_ratio Logical blob bytes per stored chunk byte.\n# TYPE imgsrv_dedup_ratio gauge\nimgsrv_dedup_ratio {ratio}");
+            gauge(w, "imgsrv_catalog_generation", "Catalog generation (changes when published content or aliases change).", s.generation);
+        }
+        Err(e) => {
+            crate::log::error(&format!("metrics: reading store statistics failed: {e}"));
+        }
+    }
+    out
+}
+
+/// Serves `GET /metrics` on `listener`, one connection at a time with short timeouts: the
+/// endpoint is for a local scraper, not the public.
+pub fn serve(listener: TcpListener, store: Arc<Store>, door: Arc<DoorStats>) {
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut sock) = conn else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
+                let _ = sock.set_write_timeout(Some(Duration::from_secs(5)));
+                let mut buf = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let tcp = match sock.try_clone() {
+                    Ok(t) => t,
+                    Err(_) => continue,
+                };
+                let mut set = |d: Duration| tcp.set_read_timeout(Some(d.max(Duration::from_millis(1))));
+                let Ok(n) = head::read_head(&mut sock, &mut buf, 8192, deadline, Duration::from_secs(5), &mut set, &|| false) else {
+                    continue;
+                };
+                let target = head::parse(&buf[..n - 4]).map(|h| (h.method, h.target));
+                let (status, ctype, body) = match target {
+                    Ok((m, t)) if (m == "GET" || m == "HEAD") && t.split('?').next() == Some("/metrics") => {
+                        let body = if m == "GET" { render(&store, &door) } else { String::new() };
+                        (200, "text/plain; version=0.0.4; charset=utf-8", body)
+                    }
+                    _ => (404, "text/plain; charset=utf-8", "404 page not found\n".to_string()),
+                };
+                let _ = write!(
+                    sock,
+                    "HTTP/1.1 {status} {}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    crate::http::reason(status),
+                    body.len()
+                );
+            }
+        })
+        .expect("spawning the metrics thread");
+}

@@ -1,0 +1,79 @@
+//! The Prometheus endpoint: scraped after a real workload, its counters must reflect it.
+
+use crate::util::*;
+use std::time::{Duration, Instant};
+
+fn metrics_addr(s: &Server) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(line) = s.log_text().lines().find(|l| l.contains("metrics on http://")) {
+            let rest = &line[line.find("metrics on http://").unwrap() + "metrics on http://".len()..];
+            return rest.split('/').next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "no metrics line in log:\n{}", s.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads one sample value (exact series text before the value).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("series {series} missing in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn metrics_reflect_a_workload() {
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = metrics_addr(&s);
+    let w = s.writer_token();
+    // Two blobs sharing their first two chunks: stored chunks < logical bytes.
+    let mut a = bytes(3 * CHUNK_SIZE, 7);
+    let b = {
+        let mut b = a.clone();
+        b.truncate(2 * CHUNK_SIZE);
+        b.extend_from_slice(&bytes(CHUNK_SIZE, 8));
+        b
+    };
+    let meta = bytes(500, 9);
+    s.publish_image(&w, "metrics-img", "1.0", &a, &meta);
+    s.upload(&w, &b);
+    // An aborted session and a 404.
+    let begin = s.call("POST", "/v1/uploads", &w, &serde_json::json!({"expected_digest": sha256_digest(b"x"), "expected_size_bytes": 1}));
+    let id = begin.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(s.call("POST", &format!("/v1/uploads/{id}/abort"), &w, &serde_json::Value::Null).status, 200);
+    assert_eq!(s.get("/v1/images/nope").status, 404);
+    let digest = sha256_digest(&a);
+    let dl = s.get(&format!("/v1/blobs/{digest}"));
+    assert_eq!(dl.body.len(), a.len());
+
+    let r = raw_request(&addr, "GET", "/metrics", &[], None);
+    assert_eq!(r.status, 200);
+    assert!(r.header("Content-Type").unwrap().starts_with("text/plain"));
+    let text = r.text();
+    assert_eq!(sample(&text, r#"imgsrv_http_requests_total{route="/v1/images/{name}",method="GET",status="404"}"#), 1.0);
+    assert!(sample(&text, r#"imgsrv_http_requests_total{route="/v1/uploads/{upload_id}/parts/{part_number}",method="PUT",status="200"}"#) >= 3.0);
+    assert!(sample(&text, r#"imgsrv_http_response_body_bytes_total{route="/v1/blobs/{digest}"}"#) >= a.len() as f64);
+    assert!(sample(&text, r#"imgsrv_http_request_body_bytes_total{route="/v1/uploads/{upload_id}/parts/{part_number}"}"#) >= (a.len() + b.len()) as f64);
+    assert_eq!(sample(&text, r#"imgsrv_upload_sessions{state="aborted"}"#), 1.0);
+    assert!(sample(&text, r#"imgsrv_upload_sessions{state="ready"}"#) >= 3.0);
+    assert_eq!(sample(&text, r#"imgsrv_publish_jobs{state="succeeded"}"#), 1.0);
+    assert_eq!(sample(&text, r#"imgsrv_publish_job_steps{step="incus_index",state="succeeded"}"#), 1.0);
+    assert_eq!(sample(&text, "imgsrv_blobs"), 3.0);
+    let logical = (a.len() + b.len() + meta.len()) as f64;
+    assert_eq!(sample(&text, "imgsrv_blob_bytes"), logical);
+    // a's three chunks, b's one distinct chunk, meta's one chunk.
+    assert_eq!(sample(&text, "imgsrv_chunks"), 5.0);
+    assert_eq!(sample(&text, "imgsrv_chunk_bytes"), (4 * CHUNK_SIZE + meta.len()) as f64);
+    assert!(sample(&text, "imgsrv_dedup_ratio") > 1.0);
+    assert_eq!(sample(&text, "imgsrv_chunk_verification_failures_total"), 0.0);
+    // Labels are route templates: no raw ids or digests leak into series names.
+    assert!(!text.contains(&digest[7..]), "raw digest in metrics");
+    assert!(!text.contains(&id), "raw upload id in metrics");
+    a.clear();
+    // Anything but /metrics is a 404 on the metrics listener.
+    assert_eq!(raw_request(&addr, "GET", "/", &[], None).status, 404);
+}

@@ -65,8 +65,12 @@ pub fn serve(config: Config) -> Result<(), String> {
         stop: stop.clone(),
     });
     if let Some(m) = &config.metrics_listen {
-        let l = TcpListener::bind(m).map_err(|e| format!("cannot listen for metrics on {m}: {e}"))?;
-        let shown = l.local_addr().map(|a| a.to_string()).unwrap_or_else(|_| m.clone());
+        let l =
+            TcpListener::bind(m).map_err(|e| format!("cannot listen for metrics on {m}: {e}"))?;
+        let shown = l
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| m.clone());
         crate::metrics::serve(l, store.clone(), door.stats.clone());
         log::info(&format!("metrics on http://{shown}/metrics"));
     }
@@ -100,7 +104,9 @@ pub fn serve(config: Config) -> Result<(), String> {
             drop(store);
             log::info("database closed; stopped cleanly");
         }
-        Err(_) => log::warn("database still in use at exit; it will be repaired quickly at the next start"),
+        Err(_) => log::warn(
+            "database still in use at exit; it will be repaired quickly at the next start",
+        ),
     }
     result
 }

@@ -78,12 +78,22 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
             )
         });
         if let Ok((requests, sent, received)) = r {
-            let _ = writeln!(w, "# HELP imgsrv_http_requests_total HTTP requests by route template, method and status.");
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_http_requests_total HTTP requests by route template, method and status."
+            );
             let _ = writeln!(w, "# TYPE imgsrv_http_requests_total counter");
             for ((route, method, status), s) in &requests {
-                let _ = writeln!(w, "imgsrv_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}", s.count);
+                let _ = writeln!(
+                    w,
+                    "imgsrv_http_requests_total{{route=\"{route}\",method=\"{method}\",status=\"{status}\"}} {}",
+                    s.count
+                );
             }
-            let _ = writeln!(w, "# HELP imgsrv_http_request_duration_seconds Time to answer a request, including the body.");
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_http_request_duration_seconds Time to answer a request, including the body."
+            );
             let _ = writeln!(w, "# TYPE imgsrv_http_request_duration_seconds histogram");
             let mut by_route: BTreeMap<&str, RequestSeries> = BTreeMap::new();
             for ((route, _, _), s) in &requests {
@@ -96,53 +106,152 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
             }
             for (route, s) in &by_route {
                 for (i, le) in BUCKETS.iter().enumerate() {
-                    let _ = writeln!(w, "imgsrv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {}", s.buckets[i]);
+                    let _ = writeln!(
+                        w,
+                        "imgsrv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"{le}\"}} {}",
+                        s.buckets[i]
+                    );
                 }
-                let _ = writeln!(w, "imgsrv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}", s.count);
-                let _ = writeln!(w, "imgsrv_http_request_duration_seconds_sum{{route=\"{route}\"}} {}", s.duration_sum);
-                let _ = writeln!(w, "imgsrv_http_request_duration_seconds_count{{route=\"{route}\"}} {}", s.count);
+                let _ = writeln!(
+                    w,
+                    "imgsrv_http_request_duration_seconds_bucket{{route=\"{route}\",le=\"+Inf\"}} {}",
+                    s.count
+                );
+                let _ = writeln!(
+                    w,
+                    "imgsrv_http_request_duration_seconds_sum{{route=\"{route}\"}} {}",
+                    s.duration_sum
+                );
+                let _ = writeln!(
+                    w,
+                    "imgsrv_http_request_duration_seconds_count{{route=\"{route}\"}} {}",
+                    s.count
+                );
             }
-            let _ = writeln!(w, "# HELP imgsrv_http_response_body_bytes_total Body bytes sent, by route template.");
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_http_response_body_bytes_total Body bytes sent, by route template."
+            );
             let _ = writeln!(w, "# TYPE imgsrv_http_response_body_bytes_total counter");
             for (route, n) in &sent {
-                let _ = writeln!(w, "imgsrv_http_response_body_bytes_total{{route=\"{route}\"}} {n}");
+                let _ = writeln!(
+                    w,
+                    "imgsrv_http_response_body_bytes_total{{route=\"{route}\"}} {n}"
+                );
             }
-            let _ = writeln!(w, "# HELP imgsrv_http_request_body_bytes_total Body bytes received, by route template.");
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_http_request_body_bytes_total Body bytes received, by route template."
+            );
             let _ = writeln!(w, "# TYPE imgsrv_http_request_body_bytes_total counter");
             for (route, n) in &received {
-                let _ = writeln!(w, "imgsrv_http_request_body_bytes_total{{route=\"{route}\"}} {n}");
+                let _ = writeln!(
+                    w,
+                    "imgsrv_http_request_body_bytes_total{{route=\"{route}\"}} {n}"
+                );
             }
         }
     }
     let gauge = |w: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     };
-    gauge(w, "imgsrv_connections_active", "Client connections being served by the front door.", door.active.load(Ordering::Relaxed) as u64);
-    let _ = writeln!(w, "# HELP imgsrv_connections_accepted_total Client connections accepted.\n# TYPE imgsrv_connections_accepted_total counter\nimgsrv_connections_accepted_total {}", door.accepted.load(Ordering::Relaxed));
-    let _ = writeln!(w, "# HELP imgsrv_connections_rejected_total Connections answered 503 at the connection limit.\n# TYPE imgsrv_connections_rejected_total counter\nimgsrv_connections_rejected_total {}", door.rejected_busy.load(Ordering::Relaxed));
-    let _ = writeln!(w, "# HELP imgsrv_accept_errors_total Failed accept() calls (retried).\n# TYPE imgsrv_accept_errors_total counter\nimgsrv_accept_errors_total {}", door.accept_errors.load(Ordering::Relaxed));
-    let _ = writeln!(w, "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their sha256 check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}", VERIFY_FAILURES.load(Ordering::Relaxed));
+    gauge(
+        w,
+        "imgsrv_connections_active",
+        "Client connections being served by the front door.",
+        door.active.load(Ordering::Relaxed) as u64,
+    );
+    let _ = writeln!(
+        w,
+        "# HELP imgsrv_connections_accepted_total Client connections accepted.\n# TYPE imgsrv_connections_accepted_total counter\nimgsrv_connections_accepted_total {}",
+        door.accepted.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        w,
+        "# HELP imgsrv_connections_rejected_total Connections answered 503 at the connection limit.\n# TYPE imgsrv_connections_rejected_total counter\nimgsrv_connections_rejected_total {}",
+        door.rejected_busy.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        w,
+        "# HELP imgsrv_accept_errors_total Failed accept() calls (retried).\n# TYPE imgsrv_accept_errors_total counter\nimgsrv_accept_errors_total {}",
+        door.accept_errors.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        w,
+        "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their sha256 check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}",
+        VERIFY_FAILURES.load(Ordering::Relaxed)
+    );
     match store.stats() {
         Ok(s) => {
-            let _ = writeln!(w, "# HELP imgsrv_upload_sessions Upload sessions by state.\n# TYPE imgsrv_upload_sessions gauge");
-            for state in ["created", "uploading", "completed", "ingesting", "ready", "failed", "aborted"] {
-                let _ = writeln!(w, "imgsrv_upload_sessions{{state=\"{state}\"}} {}", s.uploads_by_state.get(state).copied().unwrap_or(0));
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_upload_sessions Upload sessions by state.\n# TYPE imgsrv_upload_sessions gauge"
+            );
+            for state in [
+                "created",
+                "uploading",
+                "completed",
+                "ingesting",
+                "ready",
+                "failed",
+                "aborted",
+            ] {
+                let _ = writeln!(
+                    w,
+                    "imgsrv_upload_sessions{{state=\"{state}\"}} {}",
+                    s.uploads_by_state.get(state).copied().unwrap_or(0)
+                );
             }
-            let _ = writeln!(w, "# HELP imgsrv_publish_jobs Publish jobs by state.\n# TYPE imgsrv_publish_jobs gauge");
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_publish_jobs Publish jobs by state.\n# TYPE imgsrv_publish_jobs gauge"
+            );
             for state in ["queued", "running", "succeeded", "failed"] {
-                let _ = writeln!(w, "imgsrv_publish_jobs{{state=\"{state}\"}} {}", s.jobs_by_state.get(state).copied().unwrap_or(0));
+                let _ = writeln!(
+                    w,
+                    "imgsrv_publish_jobs{{state=\"{state}\"}} {}",
+                    s.jobs_by_state.get(state).copied().unwrap_or(0)
+                );
             }
-            let _ = writeln!(w, "# HELP imgsrv_publish_job_steps Publish job steps by name and state.\n# TYPE imgsrv_publish_job_steps gauge");
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_publish_job_steps Publish job steps by name and state.\n# TYPE imgsrv_publish_job_steps gauge"
+            );
             for ((name, state), n) in &s.steps_by_state {
-                let _ = writeln!(w, "imgsrv_publish_job_steps{{step=\"{name}\",state=\"{state}\"}} {n}");
+                let _ = writeln!(
+                    w,
+                    "imgsrv_publish_job_steps{{step=\"{name}\",state=\"{state}\"}} {n}"
+                );
             }
             gauge(w, "imgsrv_blobs", "Trusted blobs stored.", s.blobs);
-            gauge(w, "imgsrv_blob_bytes", "Sum of blob sizes (logical bytes, before deduplication).", s.blob_bytes);
+            gauge(
+                w,
+                "imgsrv_blob_bytes",
+                "Sum of blob sizes (logical bytes, before deduplication).",
+                s.blob_bytes,
+            );
             gauge(w, "imgsrv_chunks", "Distinct chunks stored.", s.chunks);
-            gauge(w, "imgsrv_chunk_bytes", "Bytes of distinct chunks stored (physical, after deduplication).", s.chunk_bytes);
-            let ratio = if s.chunk_bytes == 0 { 1.0 } else { s.blob_bytes as f64 / s.chunk_bytes as f64 };
-            let _ = writeln!(w, "# HELP imgsrv_dedup_ratio Logical blob bytes per stored chunk byte.\n# TYPE imgsrv_dedup_ratio gauge\nimgsrv_dedup_ratio {ratio}");
-            gauge(w, "imgsrv_catalog_generation", "Catalog generation (changes when published content or aliases change).", s.generation);
+            gauge(
+                w,
+                "imgsrv_chunk_bytes",
+                "Bytes of distinct chunks stored (physical, after deduplication).",
+                s.chunk_bytes,
+            );
+            let ratio = if s.chunk_bytes == 0 {
+                1.0
+            } else {
+                s.blob_bytes as f64 / s.chunk_bytes as f64
+            };
+            let _ = writeln!(
+                w,
+                "# HELP imgsrv_dedup_ratio Logical blob bytes per stored chunk byte.\n# TYPE imgsrv_dedup_ratio gauge\nimgsrv_dedup_ratio {ratio}"
+            );
+            gauge(
+                w,
+                "imgsrv_catalog_generation",
+                "Catalog generation (changes when published content or aliases change).",
+                s.generation,
+            );
         }
         Err(e) => {
             crate::log::error(&format!("metrics: reading store statistics failed: {e}"));

@@ -172,7 +172,14 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
     };
     let route = api::route_template(&path);
     let bytes_sent = sent.as_ref().copied().unwrap_or(0);
-    crate::metrics::record_request(route, &method, status, started.elapsed(), body_read, bytes_sent);
+    crate::metrics::record_request(
+        route,
+        &method,
+        status,
+        started.elapsed(),
+        body_read,
+        bytes_sent,
+    );
     log::event(
         "info",
         2,

@@ -6,11 +6,20 @@ use std::time::{Duration, Instant};
 fn metrics_addr(s: &Server) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let Some(line) = s.log_text().lines().find(|l| l.contains("metrics on http://")) {
-            let rest = &line[line.find("metrics on http://").unwrap() + "metrics on http://".len()..];
+        if let Some(line) = s
+            .log_text()
+            .lines()
+            .find(|l| l.contains("metrics on http://"))
+        {
+            let rest =
+                &line[line.find("metrics on http://").unwrap() + "metrics on http://".len()..];
             return rest.split('/').next().unwrap().to_string();
         }
-        assert!(Instant::now() < deadline, "no metrics line in log:\n{}", s.log_text());
+        assert!(
+            Instant::now() < deadline,
+            "no metrics line in log:\n{}",
+            s.log_text()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -42,9 +51,23 @@ fn metrics_reflect_a_workload() {
     s.publish_image(&w, "metrics-img", "1.0", &a, &meta);
     s.upload(&w, &b);
     // An aborted session and a 404.
-    let begin = s.call("POST", "/v1/uploads", &w, &serde_json::json!({"expected_digest": sha256_digest(b"x"), "expected_size_bytes": 1}));
+    let begin = s.call(
+        "POST",
+        "/v1/uploads",
+        &w,
+        &serde_json::json!({"expected_digest": sha256_digest(b"x"), "expected_size_bytes": 1}),
+    );
     let id = begin.json()["id"].as_str().unwrap().to_string();
-    assert_eq!(s.call("POST", &format!("/v1/uploads/{id}/abort"), &w, &serde_json::Value::Null).status, 200);
+    assert_eq!(
+        s.call(
+            "POST",
+            &format!("/v1/uploads/{id}/abort"),
+            &w,
+            &serde_json::Value::Null
+        )
+        .status,
+        200
+    );
     assert_eq!(s.get("/v1/images/nope").status, 404);
     let digest = sha256_digest(&a);
     let dl = s.get(&format!("/v1/blobs/{digest}"));
@@ -54,22 +77,61 @@ fn metrics_reflect_a_workload() {
     assert_eq!(r.status, 200);
     assert!(r.header("Content-Type").unwrap().starts_with("text/plain"));
     let text = r.text();
-    assert_eq!(sample(&text, r#"imgsrv_http_requests_total{route="/v1/images/{name}",method="GET",status="404"}"#), 1.0);
-    assert!(sample(&text, r#"imgsrv_http_requests_total{route="/v1/uploads/{upload_id}/parts/{part_number}",method="PUT",status="200"}"#) >= 3.0);
-    assert!(sample(&text, r#"imgsrv_http_response_body_bytes_total{route="/v1/blobs/{digest}"}"#) >= a.len() as f64);
-    assert!(sample(&text, r#"imgsrv_http_request_body_bytes_total{route="/v1/uploads/{upload_id}/parts/{part_number}"}"#) >= (a.len() + b.len()) as f64);
-    assert_eq!(sample(&text, r#"imgsrv_upload_sessions{state="aborted"}"#), 1.0);
+    assert_eq!(
+        sample(
+            &text,
+            r#"imgsrv_http_requests_total{route="/v1/images/{name}",method="GET",status="404"}"#
+        ),
+        1.0
+    );
+    assert!(
+        sample(
+            &text,
+            r#"imgsrv_http_requests_total{route="/v1/uploads/{upload_id}/parts/{part_number}",method="PUT",status="200"}"#
+        ) >= 3.0
+    );
+    assert!(
+        sample(
+            &text,
+            r#"imgsrv_http_response_body_bytes_total{route="/v1/blobs/{digest}"}"#
+        ) >= a.len() as f64
+    );
+    assert!(
+        sample(
+            &text,
+            r#"imgsrv_http_request_body_bytes_total{route="/v1/uploads/{upload_id}/parts/{part_number}"}"#
+        ) >= (a.len() + b.len()) as f64
+    );
+    assert_eq!(
+        sample(&text, r#"imgsrv_upload_sessions{state="aborted"}"#),
+        1.0
+    );
     assert!(sample(&text, r#"imgsrv_upload_sessions{state="ready"}"#) >= 3.0);
-    assert_eq!(sample(&text, r#"imgsrv_publish_jobs{state="succeeded"}"#), 1.0);
-    assert_eq!(sample(&text, r#"imgsrv_publish_job_steps{step="incus_index",state="succeeded"}"#), 1.0);
+    assert_eq!(
+        sample(&text, r#"imgsrv_publish_jobs{state="succeeded"}"#),
+        1.0
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"imgsrv_publish_job_steps{step="incus_index",state="succeeded"}"#
+        ),
+        1.0
+    );
     assert_eq!(sample(&text, "imgsrv_blobs"), 3.0);
     let logical = (a.len() + b.len() + meta.len()) as f64;
     assert_eq!(sample(&text, "imgsrv_blob_bytes"), logical);
     // a's three chunks, b's one distinct chunk, meta's one chunk.
     assert_eq!(sample(&text, "imgsrv_chunks"), 5.0);
-    assert_eq!(sample(&text, "imgsrv_chunk_bytes"), (4 * CHUNK_SIZE + meta.len()) as f64);
+    assert_eq!(
+        sample(&text, "imgsrv_chunk_bytes"),
+        (4 * CHUNK_SIZE + meta.len()) as f64
+    );
     assert!(sample(&text, "imgsrv_dedup_ratio") > 1.0);
-    assert_eq!(sample(&text, "imgsrv_chunk_verification_failures_total"), 0.0);
+    assert_eq!(
+        sample(&text, "imgsrv_chunk_verification_failures_total"),
+        0.0
+    );
     // Labels are route templates: no raw ids or digests leak into series names.
     assert!(!text.contains(&digest[7..]), "raw digest in metrics");
     assert!(!text.contains(&id), "raw upload id in metrics");

@@ -5,6 +5,7 @@ mod util;
 
 mod api_uploads;
 mod frontdoor;
+mod incus;
 mod metrics;
 mod smoke;
 mod crash;

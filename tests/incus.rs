@@ -1,0 +1,393 @@
+//! The real Incus client (`incus`, no daemon needed) against imgsrv over TLS: the Simple
+//! Streams projection must list, describe and export published images exactly as INCUS.md
+//! says. Publishing happens over plain HTTP; the same data directory is then served over TLS
+//! (Incus refuses `http://` remotes and needs TLS 1.3).
+
+use crate::util::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A tiny valid VM image: a qcow2 disk and an `incus.tar.xz` with a `metadata.yaml`.
+struct Fixture {
+    disk: Vec<u8>,
+    meta: Vec<u8>,
+}
+
+fn fixture(dir: &Path, name: &str, arch: &str, disk_mib: u32) -> Fixture {
+    let root = dir.join(name);
+    std::fs::create_dir_all(root.join("img/templates")).unwrap();
+    let disk = root.join("disk.qcow2");
+    let st = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg(format!("{disk_mib}M"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t = 1_700_000_000;
+    std::fs::write(
+        root.join("img/metadata.yaml"),
+        format!(
+            "architecture: {arch}\ncreation_date: {t}\nexpiry_date: 0\nproperties:\n  architecture: {arch}\n  description: {name}\n  os: debian\n  release: bookworm\n  variant: default\ntemplates: {{}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && tar --sort=name --mtime=@{t} --owner=0 --group=0 --numeric-owner -cf - metadata.yaml templates | xz -T1",
+            root.join("img").display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Fixture {
+        disk: std::fs::read(&disk).unwrap(),
+        meta: out.stdout,
+    }
+}
+
+fn fingerprint(f: &Fixture) -> String {
+    let mut both = f.meta.clone();
+    both.extend_from_slice(&f.disk);
+    sha256_hex(&both)
+}
+
+/// Adds a qcow2 artifact (and optionally its `incus.tar.xz`) to a draft version.
+fn add_artifact(
+    s: &Server,
+    w: &str,
+    image: &str,
+    version: &str,
+    arch: &str,
+    variant: &str,
+    format: &str,
+    f: &Fixture,
+    with_meta: bool,
+) {
+    let d = s.upload(w, &f.disk);
+    let a = s.call(
+        "POST",
+        &format!("/v1/images/{image}/versions/{version}/artifacts"),
+        w,
+        &json!({"variant": variant, "operating_system": "debian", "architecture": arch, "format": format,
+                "primary_blob_digest": d, "primary_blob_size_bytes": f.disk.len(),
+                "primary_media_type": "application/octet-stream"}),
+    );
+    assert_eq!(a.status, 201, "{}", a.text());
+    if with_meta {
+        let m = s.upload(w, &f.meta);
+        let aid = a.json()["id"].as_str().unwrap().to_string();
+        let t = s.call(
+            "POST",
+            &format!("/v1/images/{image}/versions/{version}/artifacts/{aid}/attachments"),
+            w,
+            &json!({"name": "incus.tar.xz", "media_type": "application/x-xz", "blob_digest": m, "blob_size_bytes": f.meta.len()}),
+        );
+        assert_eq!(t.status, 201, "{}", t.text());
+    }
+}
+
+fn new_version(s: &Server, w: &str, image: &str, version: &str) {
+    let r = s.call(
+        "POST",
+        &format!("/v1/images/{image}/versions"),
+        w,
+        &json!({"version": version}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+fn publish(s: &Server, w: &str, image: &str, version: &str) {
+    let p = s.call(
+        "POST",
+        &format!("/v1/images/{image}/versions/{version}/publish"),
+        w,
+        &Value::Null,
+    );
+    assert_eq!(p.status, 202, "{}", p.text());
+    let job = s.wait_job(w, p.json()["id"].as_str().unwrap());
+    assert_eq!(job["state"], "succeeded", "{job}");
+}
+
+/// An isolated Incus client configuration with the server's certificate pinned.
+struct Client {
+    dir: tempfile::TempDir,
+}
+
+impl Client {
+    fn new(s: &Server, cert: &Path) -> Client {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Client { dir };
+        std::fs::create_dir_all(c.conf().join("servercerts")).unwrap();
+        std::fs::copy(cert, c.conf().join("servercerts/imgsrv.crt")).unwrap();
+        let url = format!("https://{}", s.addr);
+        let out = c.run(&["remote", "add", "imgsrv", &url, "--protocol=simplestreams"]);
+        assert!(out.0, "remote add failed: {}", out.2);
+        c
+    }
+    fn conf(&self) -> PathBuf {
+        self.dir.path().join("conf")
+    }
+    /// Runs `incus ARGS`; returns (success, stdout, stderr).
+    fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new("incus")
+            .args(args)
+            .env("INCUS_CONF", self.conf())
+            .env("INCUS_CACHE", self.dir.path().join("cache"))
+            .env("HOME", self.dir.path())
+            .output()
+            .expect("running incus");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+    fn list(&self) -> Vec<Value> {
+        let (ok, out, err) = self.run(&["image", "list", "imgsrv:", "--format", "json"]);
+        assert!(ok, "image list failed: {err}");
+        serde_json::from_str::<Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+    fn info_fingerprint(&self, alias: &str) -> String {
+        let (ok, out, err) = self.run(&["image", "info", &format!("imgsrv:{alias}")]);
+        assert!(ok, "image info {alias} failed: {err}");
+        assert!(!err.contains("More than one match"), "{err}");
+        out.lines()
+            .find_map(|l| l.strip_prefix("Fingerprint: "))
+            .unwrap_or_else(|| panic!("no fingerprint in: {out}"))
+            .trim()
+            .to_string()
+    }
+}
+
+fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    (cert, key)
+}
+
+fn aliases_of(img: &Value) -> Vec<String> {
+    img["aliases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn by_fingerprint<'a>(list: &'a [Value], fp: &str) -> &'a Value {
+    list.iter()
+        .find(|i| i["fingerprint"] == fp)
+        .unwrap_or_else(|| panic!("fingerprint {fp} not listed in {list:#?}"))
+}
+
+#[test]
+fn incus_lists_describes_and_exports_published_images() {
+    if !(require_tool("incus")
+        && require_tool("qemu-img")
+        && require_tool("xz")
+        && require_tool("openssl"))
+    {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed_cert(work.path());
+    let x86 = fixture(work.path(), "x86", "x86_64", 64);
+    let arm = fixture(work.path(), "arm", "aarch64", 64);
+    let cloud = fixture(work.path(), "cloud", "x86_64", 80);
+    let v3 = fixture(work.path(), "v3", "x86_64", 96);
+    let skipped = fixture(work.path(), "skipped", "x86_64", 112);
+
+    let mut s = Server::start();
+    let w = s.writer_token();
+    let img = "debian-bookworm";
+    assert_eq!(
+        s.call(
+            "POST",
+            "/v1/images",
+            &w,
+            &json!({"name": img, "display_name": "Debian 12"})
+        )
+        .status,
+        201
+    );
+    // 1.0: default x86_64, aarch64, a non-default variant, a raw artifact and a qcow2 without
+    // incus.tar.xz (both must be skipped).
+    new_version(&s, &w, img, "1.0");
+    add_artifact(&s, &w, img, "1.0", "x86_64", "", "qcow2", &x86, true);
+    add_artifact(&s, &w, img, "1.0", "aarch64", "", "qcow2", &arm, true);
+    add_artifact(&s, &w, img, "1.0", "x86_64", "cloud", "qcow2", &cloud, true);
+    add_artifact(
+        &s, &w, img, "1.0", "x86_64", "rawonly", "raw", &skipped, true,
+    );
+    add_artifact(
+        &s, &w, img, "1.0", "x86_64", "nometa", "qcow2", &skipped, false,
+    );
+    publish(&s, &w, img, "1.0");
+    // 2.0 has exactly the bytes of 1.0's default x86_64 image: one fingerprint, merged aliases.
+    new_version(&s, &w, img, "2.0");
+    add_artifact(&s, &w, img, "2.0", "x86_64", "", "qcow2", &x86, true);
+    publish(&s, &w, img, "2.0");
+    new_version(&s, &w, img, "3.0");
+    add_artifact(&s, &w, img, "3.0", "x86_64", "", "qcow2", &v3, true);
+    publish(&s, &w, img, "3.0");
+    assert_eq!(
+        s.call(
+            "PUT",
+            &format!("/v1/images/{img}/aliases/latest"),
+            &w,
+            &json!({"version": "1.0"})
+        )
+        .status,
+        200
+    );
+
+    // Serve the same database over TLS.
+    let plain = s.extra.clone();
+    s.extra = vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    s.restart();
+    let c = Client::new(&s, &cert);
+    let list = c.list();
+    let (fx, fa, fc, f3) = (
+        fingerprint(&x86),
+        fingerprint(&arm),
+        fingerprint(&cloud),
+        fingerprint(&v3),
+    );
+    let mut fps: Vec<&str> = list
+        .iter()
+        .map(|i| i["fingerprint"].as_str().unwrap())
+        .collect();
+    fps.sort();
+    let mut want = vec![fx.as_str(), fa.as_str(), fc.as_str(), f3.as_str()];
+    want.sort();
+    assert_eq!(
+        fps, want,
+        "exactly the eligible images, each fingerprint once"
+    );
+    for i in &list {
+        assert_eq!(i["type"], "virtual-machine", "{i}");
+    }
+    let x = by_fingerprint(&list, &fx);
+    assert_eq!(x["architecture"], "x86_64");
+    let xa = aliases_of(x);
+    for a in [
+        format!("{img}/1.0"),
+        format!("{img}/2.0"),
+        format!("{img}/latest"),
+    ] {
+        assert!(xa.contains(&a), "{a} missing from {xa:?}");
+    }
+    let desc = x["properties"]["description"].as_str().unwrap();
+    assert!(
+        desc.contains("Debian 12") && desc.contains("amd64"),
+        "{desc}"
+    );
+    let a = by_fingerprint(&list, &fa);
+    assert_eq!(a["architecture"], "aarch64");
+    // On an amd64 client a foreign architecture's image keeps only the `/arm64` alias forms,
+    // so the bare `{img}/1.0` stays unambiguous.
+    assert!(aliases_of(a).contains(&format!("{img}/1.0/arm64")), "{a:#}");
+    let cl = aliases_of(by_fingerprint(&list, &fc));
+    assert!(
+        cl.contains(&format!("{img}/1.0/cloud")) && cl.contains(&format!("{img}/latest/cloud")),
+        "{cl:?}"
+    );
+    assert!(
+        !cl.contains(&format!("{img}/1.0")),
+        "the variant must not claim the default alias: {cl:?}"
+    );
+
+    assert_eq!(c.info_fingerprint(&format!("{img}/1.0")), fx);
+    assert_eq!(c.info_fingerprint(&format!("{img}/latest")), fx);
+    assert_eq!(c.info_fingerprint(&format!("{img}/2.0")), fx);
+    assert_eq!(c.info_fingerprint(&format!("{img}/1.0/cloud")), fc);
+
+    // Export verifies every file's sha256 and the fingerprint; the two files must be distinct.
+    let out = work.path().join("export");
+    std::fs::create_dir_all(&out).unwrap();
+    let (ok, _, err) = c.run(&[
+        "image",
+        "export",
+        &format!("imgsrv:{img}/1.0"),
+        &format!("{}/", out.display()),
+    ]);
+    assert!(ok, "export failed: {err}");
+    assert_eq!(std::fs::read(out.join("disk.qcow2")).unwrap(), x86.disk);
+    assert_eq!(std::fs::read(out.join("incus.tar.xz")).unwrap(), x86.meta);
+
+    // Move `latest` (over plain HTTP), then look again with a fresh client cache.
+    s.extra = plain;
+    s.restart();
+    assert_eq!(
+        s.call(
+            "PUT",
+            &format!("/v1/images/{img}/aliases/latest"),
+            &w,
+            &json!({"version": "3.0"})
+        )
+        .status,
+        200
+    );
+    s.extra = vec![
+        "--tls-cert".into(),
+        cert.display().to_string(),
+        "--tls-key".into(),
+        key.display().to_string(),
+    ];
+    s.restart();
+    let c = Client::new(&s, &cert);
+    assert_eq!(c.info_fingerprint(&format!("{img}/latest")), f3);
+    assert_eq!(
+        c.info_fingerprint(&format!("{img}/1.0")),
+        fx,
+        "the old version stays listed"
+    );
+    let list = c.list();
+    assert!(!aliases_of(by_fingerprint(&list, &fx)).contains(&format!("{img}/latest")));
+    // Incus tries plain HTTP first on the TLS port; that must not have disturbed the server.
+    assert_eq!(
+        std::fs::metadata(format!("/proc/{}", s.pid())).is_ok(),
+        true
+    );
+}

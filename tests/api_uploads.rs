@@ -3,8 +3,8 @@
 
 use crate::util::*;
 use serde_json::{Value, json};
-use std::io::Write;
-use std::net::{Shutdown, TcpStream};
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
@@ -33,19 +33,39 @@ fn part_etag(data: &[u8]) -> String {
     format!("\"{}\"", sha256_hex(data))
 }
 
-/// Sends a part PUT that declares `length` bytes and then half-closes, so the server sees the
-/// declared size without the client sending gigabytes.
+/// Sends a part PUT that declares `length` bytes and trickles a few KiB of them until the server
+/// answers (which it does before reading the body), so no test sends gigabytes.
 fn declared_only_part(s: &Server, w: &str, path: &str, length: u64) -> Resp {
     let mut c = TcpStream::connect(&s.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     write!(
         c,
         "PUT {path} HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {w}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n",
         s.addr
     )
     .unwrap();
-    c.shutdown(Shutdown::Write).unwrap();
-    read_response(&mut c, false)
+    // Each block is given time to reach the server and be answered before the next one, so
+    // no unread byte is pending when the server closes (which would reset the connection).
+    c.set_read_timeout(Some(Duration::from_millis(250))).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut first = [0u8; 1];
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no answer to a {length}-byte part"
+        );
+        // Write errors are expected once the server has answered and closed.
+        let _ = c.write_all(&[0u8; 1024]);
+        match c.read(&mut first) {
+            Ok(1) => break,
+            Ok(_) => panic!("connection closed without an answer"),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) => panic!("reading the answer: {e}"),
+        }
+    }
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut raw = first.to_vec();
+    let _ = c.read_to_end(&mut raw);
+    parse_response(&raw, false)
 }
 
 #[test]

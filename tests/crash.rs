@@ -3,7 +3,8 @@
 //! no reader ever sees a half-published version (DESIGN.md quality bar, Decision 5).
 
 use crate::storage::{
-    Db, begin, chunk_hashes, complete, put_part, put_part_ok, stop_and_read, wait_until,
+    Db, begin, chunk_hashes, complete, metric, metrics_addr, put_part, put_part_ok, stop_and_read,
+    wait_until,
 };
 use crate::util::*;
 use redb::{ReadableDatabase, TableDefinition};
@@ -16,43 +17,17 @@ use std::time::{Duration, Instant};
 
 const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("publish_jobs");
 
-/// Sums the bytes a process has read and written through syscalls (`/proc/PID/io`).
-fn io_bytes(pid: u32) -> Option<u64> {
-    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
-    let field = |name: &str| -> Option<u64> {
-        io.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().parse().ok())
-    };
-    Some(field("rchar:")? + field("wchar:")?)
-}
-
-/// Waits until the server has done no I/O for 700 ms: it has consumed what the socket holds
-/// and committed every chunk it could assemble, and is blocked waiting for more body.
-fn wait_until_idle(pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = io_bytes(pid).expect("/proc/PID/io is readable");
-    let mut since = Instant::now();
-    while since.elapsed() < Duration::from_millis(700) {
-        assert!(Instant::now() < deadline, "the server never went idle");
-        std::thread::sleep(Duration::from_millis(50));
-        let now = io_bytes(pid).expect("/proc/PID/io is readable");
-        if now != last {
-            last = now;
-            since = Instant::now();
-        }
-    }
-}
-
 #[test]
 fn kill_during_part_upload() {
-    let mut s = Server::start();
+    let mut s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&s);
     let w = s.writer_token();
     let part1 = bytes(2 * CHUNK_SIZE + 100, 61);
     let part2 = bytes(4 * CHUNK_SIZE + 50, 62);
     let data = [&part1[..], &part2[..]].concat();
     let id = begin(&s, &w, &data);
     let p1 = put_part_ok(&s, &w, &id, 1, &part1);
+    let stored = metric(&metrics, "imgsrv_chunks");
 
     // Part 2: the head and two and a half chunks of its body, then silence.
     let mut conn = TcpStream::connect(&s.addr).unwrap();
@@ -66,7 +41,11 @@ fn kill_during_part_upload() {
     .unwrap();
     let sent = 2 * CHUNK_SIZE + CHUNK_SIZE / 2;
     conn.write_all(&part2[..sent]).unwrap();
-    wait_until_idle(s.pid());
+    // The chunk counter is written in each chunk's own (cheap) commit, so it shows what the
+    // server has staged.
+    wait_until(30, "the server stages two chunks", || {
+        metric(&metrics, "imgsrv_chunks") == stored + 2.0
+    });
     // A durable commit by another request makes the part's cheap chunk commits durable too,
     // so the crash leaves staging rows behind.
     begin(&s, &w, b"another session");
@@ -461,7 +440,8 @@ fn uuid_u128(id: &str) -> u128 {
 #[test]
 fn interrupted_part_put_with_a_short_body_releases_its_chunks() {
     // Not a crash: the client goes away mid-body. The server must release what it staged.
-    let mut s = Server::start();
+    let mut s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&s);
     let w = s.writer_token();
     let part = bytes(3 * CHUNK_SIZE, 91);
     let id = begin(&s, &w, &part);
@@ -476,9 +456,13 @@ fn interrupted_part_put_with_a_short_body_releases_its_chunks() {
         )
         .unwrap();
         conn.write_all(&part[..CHUNK_SIZE + 5]).unwrap();
-        wait_until_idle(s.pid());
+        wait_until(30, "the server stages the first chunk", || {
+            metric(&metrics, "imgsrv_chunks") == 1.0
+        });
     }
-    wait_until_idle(s.pid());
+    wait_until(30, "the server releases the staged chunk", || {
+        metric(&metrics, "imgsrv_chunks") == 0.0
+    });
     // The session is untouched and still takes the part.
     assert_eq!(
         s.get(&format!("/v1/uploads/{id}")).json()["state"],

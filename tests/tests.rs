@@ -3,6 +3,13 @@
 
 mod util;
 
+mod api_aliases;
+mod api_auth;
+mod api_catalog;
+mod api_downloads;
+mod api_json;
+mod api_publish;
+mod api_routing;
 mod api_uploads;
 mod frontdoor;
 mod incus;

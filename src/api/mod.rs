@@ -15,7 +15,8 @@ use crate::http::{Request, Response, percent_decode, problem};
 use crate::store::Store;
 use crate::store::auth::Caller;
 use crossbeam_channel::Sender;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer};
 use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -336,9 +337,24 @@ pub(crate) fn json_body<T: DeserializeOwned>(req: &mut Request) -> Result<T, Res
         return Err(bad("request body too large (limit 1048576 bytes)"));
     }
     let mut de = serde_json::Deserializer::from_slice(&buf);
-    let value = T::deserialize(&mut de).map_err(|e| bad(&json_message(&e)))?;
+    let Object(value) = Object::<T>::deserialize(&mut de).map_err(|e| bad(&json_message(&e)))?;
     de.end().map_err(|_| bad("multiple JSON values"))?;
     Ok(value)
+}
+
+/// A request struct that must arrive as a JSON object. serde's derived structs also accept a
+/// JSON array of their members in declaration order (so `[]` or `["sha256:..", 5]` would
+/// decode); the wire contract, like the Go decoder it mirrors, treats any non-object as a
+/// wrong JSON type (400). Use it for every struct in a request body, nested ones included.
+pub(crate) struct Object<T>(pub T);
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = serde_json::Map::deserialize(d)?;
+        T::deserialize(serde_json::Value::Object(map))
+            .map(Object)
+            .map_err(D::Error::custom)
+    }
 }
 
 fn json_message(e: &serde_json::Error) -> String {
@@ -390,7 +406,9 @@ pub fn route_template(path: &str) -> &'static str {
         ArtifactDownload(..) => {
             "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/download"
         }
-        Attachments(..) => "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/attachments",
+        Attachments(..) => {
+            "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/attachments"
+        }
         Attachment(..) => {
             "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/attachments/{attachment_id}"
         }

@@ -54,8 +54,10 @@ fn current(app: &App) -> Result<Arc<Rendered>, String> {
         .streams_cache
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
+    // A pair rendered by another request at a newer generation than the one read above is at
+    // least as fresh, so it serves too.
     if let Some((g, rendered)) = slot.as_ref()
-        && *g == generation
+        && *g >= generation
     {
         return Ok(rendered.clone());
     }

@@ -1,6 +1,6 @@
 //! `/v1/uploads`: begin, parts, complete, abort, get (API.md 4.1, Decisions 2 and 3).
 
-use super::{App, HandlerResult, err, json_body, require, uuid_param};
+use super::{App, HandlerResult, Object, err, json_body, require, uuid_param};
 use crate::http::{Request, Response, problem};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use crate::store::chunks::CHUNK_SIZE;
@@ -29,7 +29,7 @@ struct CompletePart {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct CompleteUploadRequest {
-    parts: Vec<CompletePart>,
+    parts: Vec<Object<CompletePart>>,
 }
 
 fn upload_invalid(msg: &str) -> Response {
@@ -146,7 +146,7 @@ pub fn complete(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     let listed: Vec<(u32, String, i64)> = body
         .parts
         .into_iter()
-        .map(|p| {
+        .map(|Object(p)| {
             let n = if (1..=10000).contains(&p.number) {
                 p.number as u32
             } else {

@@ -211,11 +211,19 @@ fn relay<C: Client>(
     let mut out = Vec::with_capacity(1024);
     write!(out, "{} {} {}\r\n", head.method, head.target, head.version)?;
     for (k, v) in &head.headers {
-        if !hop_by_hop(k) {
+        // The length goes once, normalised: tiny_http cannot parse a list such as `3, 3`.
+        if !hop_by_hop(k) && !k.eq_ignore_ascii_case("Content-Length") {
             write!(out, "{k}: {v}\r\n")?;
         }
     }
-    out.extend_from_slice(b"Connection: close\r\n\r\n");
+    if head.header("Content-Length").is_some() {
+        write!(out, "Content-Length: {length}\r\n")?;
+    }
+    // `upgrade` makes tiny_http hand the handler the plain socket instead of a reader bounded
+    // by Content-Length, whose drop drains the unread rest of a body into one allocation of
+    // that size: a 401 to a 5 GiB part would abort the process wherever 5 GiB cannot be
+    // allocated. The body is bounded here instead: the backend reads EOF right after it.
+    out.extend_from_slice(b"Connection: close, upgrade\r\n\r\n");
     backend.write_all(&out)?;
 
     // Request body: what is already buffered, then the rest from the socket. Before each
@@ -229,11 +237,12 @@ fn relay<C: Client>(
     }
     let take = (buf.len() as u64).min(remaining) as usize;
     if take > 0 {
-        backend.write_all(&buf[..take])?;
+        // tiny_http closes its end once it has answered without reading the body.
+        early = backend.write_all(&buf[..take]).is_err();
         buf.drain(..take);
         remaining -= take as u64;
     }
-    if remaining > 0 {
+    if remaining > 0 && !early {
         client.tcp().set_read_timeout(Some(limits.io_timeout))?;
         let mut block = vec![0u8; RELAY_BUF];
         while remaining > 0 {
@@ -260,6 +269,9 @@ fn relay<C: Client>(
             }
             remaining -= n as u64;
         }
+    }
+    if !early {
+        let _ = backend.shutdown(std::net::Shutdown::Write);
     }
 
     // Response head.

@@ -31,9 +31,11 @@ impl Request<'_> {
 pub enum Body {
     Empty,
     Bytes(Vec<u8>),
-    /// Bytes `start..end` of a blob, streamed and verified chunk by chunk.
+    /// Bytes `start..end` of a blob, streamed and verified chunk by chunk. The reader is boxed
+    /// because it owns a redb table handle of a few hundred bytes, which would otherwise make
+    /// every `Response` (and every handler's `Result`) that large.
     Blob {
-        reader: BlobReader,
+        reader: Box<BlobReader>,
         start: u64,
         end: u64,
     },

@@ -102,7 +102,8 @@ mod tests {
 
     #[test]
     fn patterns() {
-        let cases: &[(fn(&str) -> bool, &str, bool)] = &[
+        type Check = fn(&str) -> bool;
+        let cases: &[(Check, &str, bool)] = &[
             (image_name, "debian-bookworm", true),
             (image_name, "Debian", false),
             (image_name, "-x", false),

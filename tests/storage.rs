@@ -566,26 +566,25 @@ fn deleted_draft_artifact_releases_its_blob_after_the_ttl() {
 fn sweeper_aborts_expired_sessions() {
     let mut s = Server::start_with(&["--upload-ttl", "2s"]);
     let w = s.writer_token();
-    let data = bytes(CHUNK_SIZE + 10, 41);
+    // Small, so that the part is surely in before the session expires.
+    let data = bytes(5000, 41);
     let id = begin(&s, &w, &data);
-    let p1 = put_part_ok(&s, &w, &id, 1, &data[..CHUNK_SIZE + 1]);
+    let p1 = put_part_ok(&s, &w, &id, 1, &data[..4000]);
     let session = format!("/v1/uploads/{id}");
     assert_eq!(s.get(&session).json()["state"], "uploading");
     wait_until(20, "the sweeper aborts the expired session", || {
         s.get(&session).json()["state"] == "aborted"
     });
-    put_part(&s, &w, &id, 2, &data[CHUNK_SIZE + 1..])
+    put_part(&s, &w, &id, 2, &data[4000..])
         .assert_problem(412, "upload session does not accept parts from aborted");
-    let p2 = json!({"number": 2, "etag": format!("\"{}\"", sha256_hex(&data[CHUNK_SIZE + 1..])),
-                    "size_bytes": 9});
+    let p2 = json!({"number": 2, "etag": format!("\"{}\"", sha256_hex(&data[4000..])),
+                    "size_bytes": 1000});
     complete(&s, &w, &id, &[p1, p2])
         .assert_problem(412, "upload session cannot be completed from aborted");
-    assert!(
+    wait_until(10, "the sweeper logs what it did", || {
         s.log_text()
-            .contains("sweeper aborted 1 expired upload sessions"),
-        "{}",
-        s.log_text()
-    );
+            .contains("sweeper aborted 1 expired upload sessions")
+    });
 
     let db = stop_and_read(&mut s);
     db.check(true);
@@ -594,6 +593,25 @@ fn sweeper_aborts_expired_sessions() {
         "the swept session's chunks were not released"
     );
     assert!(db.parts.is_empty() && db.staging.is_empty());
+}
+
+/// Flips one byte of a stored chunk, rewriting the value under the same key (the server must
+/// be stopped).
+fn damage_chunk(db_path: &Path, hash: &Hash) {
+    let db = redb::Database::open(db_path).expect("opening the database");
+    let txn = db.begin_write().unwrap();
+    {
+        let mut chunks = txn.open_table(CHUNKS).unwrap();
+        let mut value = chunks
+            .get(hash)
+            .unwrap()
+            .expect("chunk stored")
+            .value()
+            .to_vec();
+        value[12345] ^= 0x40;
+        chunks.insert(hash, value.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
 }
 
 #[test]
@@ -605,24 +623,8 @@ fn corrupted_chunk_is_never_served() {
     let n = data.len();
     s.kill9();
 
-    // Flip one byte of the second chunk, rewriting the value under the same key.
-    let bad = chunk_hashes(&data)[1];
-    {
-        let db = redb::Database::open(s.db_path()).expect("opening the database");
-        let txn = db.begin_write().unwrap();
-        {
-            let mut chunks = txn.open_table(CHUNKS).unwrap();
-            let mut value = chunks
-                .get(&bad)
-                .unwrap()
-                .expect("chunk stored")
-                .value()
-                .to_vec();
-            value[12345] ^= 0x40;
-            chunks.insert(&bad, value.as_slice()).unwrap();
-        }
-        txn.commit().unwrap();
-    }
+    // Flip one byte of the second chunk.
+    damage_chunk(&s.db_path(), &chunk_hashes(&data)[1]);
     s.restart();
 
     let path = format!("/v1/blobs/{digest}");
@@ -735,4 +737,114 @@ fn concurrent_uploads_keep_chunk_counts_exact() {
     s.restart();
     let db = stop_and_read(&mut s);
     db.check(true);
+}
+
+#[test]
+fn media_type_hint_longer_than_the_blob_record_holds_is_refused() {
+    // Regression: the blob record stores the media type behind a u16 length. A 70000-byte
+    // hint was accepted, the record was written with a truncated length, and the blob that
+    // `complete` had acknowledged as `ready` answered every download with a 500.
+    let mut s = Server::start();
+    let w = s.writer_token();
+    let data = bytes(CHUNK_SIZE + 1, 111);
+    let digest = sha256_digest(&data);
+    let begin_with = |hint: &str| {
+        s.call(
+            "POST",
+            "/v1/uploads",
+            &w,
+            &json!({"expected_digest": digest, "expected_size_bytes": data.len(),
+                    "media_type_hint": hint}),
+        )
+    };
+    let too_long = format!("application/x-{}", "a".repeat(70000));
+    for len in [too_long.len(), 65536] {
+        let r = begin_with(&too_long[..len]);
+        // Checked first so that a failure does not print the echoed hint.
+        assert_eq!(r.status, 400, "a {len}-byte media type hint was accepted");
+        r.assert_problem(400, "media type hint must be at most 65535 bytes");
+    }
+
+    let longest = &too_long[..65535];
+    let r = begin_with(longest);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let p = put_part_ok(&s, &w, &id, 1, &data);
+    let r = complete(&s, &w, &id, &[p]);
+    assert_eq!(r.json()["state"], "ready", "{}", r.text());
+    let r = s.get(&format!("/v1/blobs/{digest}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("Content-Type"), Some(longest));
+    assert!(r.body == data);
+    stop_and_read(&mut s).check(true);
+}
+
+#[test]
+fn uploading_a_damaged_chunk_again_repairs_it() {
+    // A blob whose second chunk was damaged on disk, then another upload that shares that
+    // chunk. The client sends correct bytes, so its session must end `ready`; and since the
+    // fresh bytes hash to the chunk's key, they repair the stored copy for the first blob too.
+    let mut s = Server::start();
+    let w = s.writer_token();
+    let a = bytes(2 * CHUNK_SIZE + 10, 121);
+    let mut b = a[..2 * CHUNK_SIZE].to_vec();
+    b.extend(bytes(20, 122));
+    s.upload(&w, &a);
+    s.kill9();
+    let damaged = chunk_hashes(&a)[1];
+    damage_chunk(&s.db_path(), &damaged);
+    s.restart();
+    let r = s.get(&format!("/v1/blobs/{}", sha256_digest(&a)));
+    assert!(r.body.len() < a.len(), "the damage is served");
+
+    let session = s.upload_parts(&w, &b, &[(1, 0..b.len())]);
+    assert_eq!(
+        session["state"], "ready",
+        "a correct upload failed: {session}"
+    );
+    assert_downloads(&s, &b, &[CHUNK_SIZE, 2 * CHUNK_SIZE]);
+    assert_downloads(&s, &a, &[CHUNK_SIZE, 2 * CHUNK_SIZE]);
+    wait_until(10, "the repair is logged", || {
+        s.log_text().contains("repaired a damaged chunk")
+    });
+
+    let db = stop_and_read(&mut s);
+    db.check(true);
+    assert_eq!(db.count(&damaged), 2);
+}
+
+#[test]
+fn one_unreadable_blob_record_does_not_stop_garbage_collection() {
+    // Two unreferenced blobs; the record of the one that the collector meets first (the lower
+    // digest) is damaged. The other must still be collected once its hold has passed.
+    let mut s = Server::start_with(&["--upload-ttl", "2s"]);
+    let w = s.writer_token();
+    let (mut x, mut y) = (bytes(100, 131), bytes(100, 132));
+    if sha256_digest(&x) > sha256_digest(&y) {
+        std::mem::swap(&mut x, &mut y);
+    }
+    let dx = s.upload(&w, &x);
+    let dy = s.upload(&w, &y);
+    s.kill9();
+    {
+        let db = redb::Database::open(s.db_path()).expect("opening the database");
+        let txn = db.begin_write().unwrap();
+        {
+            // Keep the header (layout, size, time, media type) and drop the chunk list.
+            let mut blobs = txn.open_table(BLOBS).unwrap();
+            let key = hash_of_digest(&dx);
+            let value = blobs.get(&key).unwrap().expect("blob stored").value()[..19].to_vec();
+            blobs.insert(&key, value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    s.restart();
+    wait_until(20, "the sweeper collects the intact blob", || {
+        s.head(&format!("/v1/blobs/{dy}")).status == 404
+    });
+    wait_until(10, "the damaged record is logged", || {
+        s.log_text()
+            .lines()
+            .any(|l| l.contains("error") && l.contains(&dx))
+    });
 }

@@ -73,7 +73,11 @@ fn serve(app: &App, req: &Request, rep: Representation) -> HandlerResult {
     let reader = app.store.blob_reader(&record, &key).map_err(err)?;
     base = base.header("Content-Type", rep.content_type);
     base.content_length = Some(end - start);
-    base.body = Body::Blob { reader, start, end };
+    base.body = Body::Blob {
+        reader: Box::new(reader),
+        start,
+        end,
+    };
     Ok(base)
 }
 

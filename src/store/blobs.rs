@@ -14,6 +14,9 @@ use sha2::{Digest, Sha256};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// The longest media type a blob record can hold: its length is stored as a u16.
+pub const MAX_MEDIA_TYPE_LEN: usize = u16::MAX as usize;
+
 /// Counts chunks that failed verification while being served (exported as a metric).
 pub static VERIFY_FAILURES: AtomicU64 = AtomicU64::new(0);
 
@@ -164,12 +167,17 @@ impl Store {
         };
         let mut deleted = 0;
         for digest in candidates {
-            begin_write_scope(self, |txn| {
-                if collect_if_unused(txn, &digest, now)? {
-                    deleted += 1;
-                }
-                Ok(())
-            })?;
+            // A blob that cannot be collected (say, its record is unreadable) is logged and
+            // skipped: failing the whole sweep would stop it at the same blob every time and
+            // leave every blob after it on disk for good.
+            match begin_write_scope(self, |txn| collect_if_unused(txn, &digest, now)) {
+                Ok(true) => deleted += 1,
+                Ok(false) => {}
+                Err(e) => crate::log::error(&format!(
+                    "garbage collection skipped blob {}: {e}",
+                    crate::validate::digest_string(&digest)
+                )),
+            }
         }
         Ok(deleted)
     }

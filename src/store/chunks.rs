@@ -67,14 +67,34 @@ pub fn decode_list(b: &[u8]) -> Result<(Vec<ChunkRef>, usize)> {
     ))
 }
 
-/// Stores a chunk (or finds it already stored) and takes one reference to it.
+/// Stores a chunk (or finds it already stored) and takes one reference to it. `data` are the
+/// chunk's bytes, which hash to `chunk.hash`.
 pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<()> {
     let mut refs = txn.open_table(CHUNK_REFS)?;
     let count = refs.get(&chunk.hash)?.map(|v| v.value()).unwrap_or(0);
+    let mut chunks = txn.open_table(CHUNKS)?;
     if count == 0 {
-        let mut chunks = txn.open_table(CHUNKS)?;
         chunks.insert(&chunk.hash, data)?;
         count_stored(txn, 1, data.len() as i64)?;
+    } else {
+        // A stored copy that differs from the fresh bytes was damaged on disk. Left alone, it
+        // would make every later upload that shares the chunk fail verification at `complete`
+        // although its client sent the right bytes; replacing it also repairs the blobs that
+        // already use it.
+        let same = chunks.get(&chunk.hash)?.map(|v| v.value() == data);
+        match same {
+            Some(true) => {}
+            found => {
+                chunks.insert(&chunk.hash, data)?;
+                if found.is_none() {
+                    count_stored(txn, 1, data.len() as i64)?;
+                }
+                crate::log::warn(&format!(
+                    "repaired a damaged chunk {} with freshly uploaded bytes",
+                    crate::validate::hex(&chunk.hash)
+                ));
+            }
+        }
     }
     refs.insert(&chunk.hash, count + 1)?;
     Ok(())

@@ -57,6 +57,10 @@ impl PartRecord {
     }
 }
 
+/// The blob's chunk list assembled from the listed parts, and the record of each part (so that
+/// `complete` can check that no part changed before it commits).
+type Assembly = (Vec<ChunkRef>, Vec<(u32, PartRecord)>);
+
 /// What a caller asks for when beginning an upload.
 pub struct BeginUpload {
     pub expected_digest: String,
@@ -120,6 +124,18 @@ impl Store {
                 "upload invalid input: digest must match sha256:<64 lowercase hex chars>",
             )
         })?;
+        // The hint becomes the blob record's media type, whose length is a u16: a longer one
+        // would be written truncated and make the blob unreadable after it was acknowledged.
+        if req
+            .media_type_hint
+            .as_ref()
+            .is_some_and(|m| m.len() > blobs::MAX_MEDIA_TYPE_LEN)
+        {
+            return Err(Error::invalid(format!(
+                "upload invalid input: media type hint must be at most {} bytes",
+                blobs::MAX_MEDIA_TYPE_LEN
+            )));
+        }
         let now = Timestamp::now();
         let mut session = UploadSession {
             id: Uuid::new_v4(),
@@ -275,11 +291,7 @@ impl Store {
         })
     }
 
-    fn listed_parts(
-        &self,
-        id: Uuid,
-        order: &[&(u32, String, i64)],
-    ) -> Result<(Vec<ChunkRef>, Vec<(u32, PartRecord)>)> {
+    fn listed_parts(&self, id: Uuid, order: &[&(u32, String, i64)]) -> Result<Assembly> {
         let txn = self.begin_read()?;
         let parts = txn.open_table(PARTS)?;
         let mut list = Vec::new();

@@ -1,0 +1,53 @@
+//! The README's walk-through (`tests/walkthrough.sh`), run with bash, curl and jq against a
+//! real server: what a user types must work as written.
+
+use crate::util::*;
+use std::process::Command;
+
+#[test]
+fn readme_walkthrough_script() {
+    if !require_tool("curl") || !require_tool("jq") {
+        return;
+    }
+    let s = Server::start();
+    let token = s.writer_token();
+    let dir = tempfile::tempdir().unwrap();
+    // A disk that spans chunk boundaries and a small metadata tarball; the names have spaces
+    // to keep the script's quoting honest.
+    let disk = dir.path().join("my disk.qcow2");
+    let meta = dir.path().join("my incus.tar.xz");
+    std::fs::write(&disk, bytes(2 * CHUNK_SIZE + 4321, 201)).unwrap();
+    std::fs::write(&meta, bytes(2048, 202)).unwrap();
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/walkthrough.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&disk)
+        .arg(&meta)
+        .env("IMGSRV", format!("http://{}", s.addr))
+        .env("TOKEN", &token)
+        .current_dir(dir.path())
+        .output()
+        .expect("running bash");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "walkthrough.sh failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}\n--- server log\n{}",
+        out.status,
+        s.log_text()
+    );
+    assert!(
+        stdout.contains("walk-through OK"),
+        "{stdout}\n--- stderr\n{stderr}"
+    );
+
+    // What the script published is what the API shows.
+    let m = s.get("/v1/images/debian-bookworm/refs/latest").json();
+    assert_eq!(m["version"]["version"], "12.5.0", "{m}");
+    assert_eq!(
+        m["artifacts"][0]["artifact"]["primary_blob_digest"],
+        sha256_digest(&std::fs::read(&disk).unwrap()),
+        "{m}"
+    );
+}

@@ -17,6 +17,8 @@ impl Timestamp {
         Timestamp(d.as_micros() as i64)
     }
 
+    /// Saturating addition; named like the operator but never panics on overflow.
+    #[allow(clippy::should_implement_trait)]
     pub fn add(self, d: Duration) -> Self {
         Timestamp(self.0.saturating_add(d.as_micros() as i64))
     }

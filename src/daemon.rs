@@ -15,6 +15,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// Runs the server until it fails; returns the failure.
 pub fn serve(config: Config) -> Result<(), String> {
     log::init(config.log_format, config.verbosity);
+    raise_fd_limit();
+    exit_on_foreign_panics();
     std::fs::create_dir_all(&config.data_dir).map_err(|e| {
         format!(
             "cannot create data directory {}: {e}",
@@ -130,6 +132,37 @@ fn watch_signals(stop: Arc<AtomicBool>) -> Result<(), String> {
         })
         .map_err(|e| format!("cannot start the signal thread: {e}"))?;
     Ok(())
+}
+
+/// Raises the soft file-descriptor limit to the hard one: each connection needs about four
+/// descriptors, and the front door sizes its connection budget from the soft limit (systemd's
+/// default soft limit of 1024 would otherwise cap imgsrv at about 240 connections).
+fn raise_fd_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            log::warn(&format!("cannot raise the file-descriptor limit: {e}"));
+        }
+    }
+}
+
+/// Every thread imgsrv starts has a name; tiny_http's internal threads do not. A panic in one of
+/// those (tiny_http unwraps when a socket cannot be cloned, e.g. out of descriptors) leaves the
+/// request server unable to accept while the process looks alive, so exit and let systemd
+/// restart instead. Panics in our own handlers are caught per request and unaffected.
+fn exit_on_foreign_panics() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default(info);
+        if std::thread::current().name().is_none() {
+            log::error(&format!(
+                "an internal request-server thread panicked ({info}); exiting for a restart"
+            ));
+            std::process::exit(70);
+        }
+    }));
 }
 
 /// tiny_http's private socket: in the data directory (whose permissions protect it) unless

@@ -51,3 +51,33 @@ fn readme_walkthrough_script() {
         "{m}"
     );
 }
+
+/// The README quotes the script's commands; a change to one without the other is caught here.
+#[test]
+fn readme_quotes_the_walkthrough_script() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let script = std::fs::read_to_string(format!("{root}/tests/walkthrough.sh")).unwrap();
+    let lines: Vec<&str> = script.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with("# upload FILE"))
+        .unwrap();
+    let end = lines
+        .iter()
+        .position(|l| l.starts_with("echo \"walk-through OK"))
+        .unwrap();
+    let mut missing = Vec::new();
+    for line in &lines[start..end] {
+        if line.trim().is_empty() || line.contains("== Consume") {
+            continue;
+        }
+        if !readme.lines().any(|r| r == *line) {
+            missing.push(*line);
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "README.md does not quote these walkthrough.sh lines: {missing:#?}"
+    );
+}

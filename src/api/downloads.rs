@@ -8,7 +8,7 @@ use crate::clock::Timestamp;
 use crate::http::{
     Body, RangeOutcome, Request, Response, if_range_allows, not_modified, parse_range, problem,
 };
-use crate::store::blobs::BlobRecord;
+use crate::store::blobs::{BlobReader, BlobRecord};
 use crate::validate;
 
 /// What is served and how it is described.
@@ -19,19 +19,18 @@ struct Representation {
     filename: Option<String>,
 }
 
-fn load_blob(app: &App, digest: &str) -> Result<([u8; 32], BlobRecord), Response> {
+/// The blob and a reader over it, from one snapshot (404 when it does not exist).
+fn load_blob(app: &App, digest: &str) -> Result<(BlobRecord, BlobReader), Response> {
     let key = validate::digest_bytes(digest)
         .ok_or_else(|| Response::from(crate::error::Error::internal("stored digest is invalid")))?;
-    let record = app
-        .store
-        .blob(&key)
+    app.store
+        .open_blob(&key)
         .map_err(err)?
-        .ok_or_else(|| problem(404, &format!("blob not found: {digest}")))?;
-    Ok((key, record))
+        .ok_or_else(|| problem(404, &format!("blob not found: {digest}")))
 }
 
 fn serve(app: &App, req: &Request, rep: Representation) -> HandlerResult {
-    let (key, record) = load_blob(app, &rep.digest)?;
+    let (record, reader) = load_blob(app, &rep.digest)?;
     let etag = format!("\"{}\"", rep.digest);
     let mut base = Response::new(200)
         .header("ETag", etag.clone())
@@ -70,7 +69,6 @@ fn serve(app: &App, req: &Request, rep: Representation) -> HandlerResult {
             return Err(problem(416, detail).header("Content-Range", format!("bytes */{size}")));
         }
     };
-    let reader = app.store.blob_reader(&record, &key).map_err(err)?;
     base = base.header("Content-Type", rep.content_type);
     base.content_length = Some(end - start);
     base.body = Body::Blob {
@@ -88,7 +86,7 @@ pub fn blob(app: &App, req: &Request, digest: &str) -> HandlerResult {
             "upload invalid input: digest must match sha256:<64 lowercase hex chars>",
         ));
     }
-    let (_, record) = load_blob(app, digest)?;
+    let (record, _) = load_blob(app, digest)?;
     serve(
         app,
         req,

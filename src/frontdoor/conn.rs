@@ -168,7 +168,7 @@ fn serve_stream<C: Client>(door: &FrontDoor, mut client: C) {
         }
         let length = match head.content_length() {
             Ok(n) => n.unwrap_or(0),
-            Err(()) => return reject(&mut client, 400, "invalid Content-Length"),
+            Err(head::BadLength) => return reject(&mut client, 400, "invalid Content-Length"),
         };
         if length > limits.max_body_bytes {
             return reject(
@@ -212,7 +212,10 @@ fn relay<C: Client>(
     write!(out, "{} {} {}\r\n", head.method, head.target, head.version)?;
     for (k, v) in &head.headers {
         // The length goes once, normalised: tiny_http cannot parse a list such as `3, 3`.
-        if !hop_by_hop(k) && !k.eq_ignore_ascii_case("Content-Length") {
+        // tiny_http drops the whole connection without an answer on a header value that is not
+        // ASCII; no header the API reads can carry such a value meaningfully, so the line is
+        // left out (an `X-Request-ID` like that is replaced by a fresh one, as API.md says).
+        if !hop_by_hop(k) && !k.eq_ignore_ascii_case("Content-Length") && v.is_ascii() {
             write!(out, "{k}: {v}\r\n")?;
         }
     }

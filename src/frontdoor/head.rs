@@ -32,7 +32,7 @@ impl RequestHead {
     }
 
     /// The declared body length: `Ok(None)` when absent, `Err` when malformed or conflicting.
-    pub fn content_length(&self) -> Result<Option<u64>, ()> {
+    pub fn content_length(&self) -> Result<Option<u64>, BadLength> {
         let mut found: Option<u64> = None;
         for (k, v) in &self.headers {
             if !k.eq_ignore_ascii_case("Content-Length") {
@@ -41,11 +41,11 @@ impl RequestHead {
             for part in v.split(',') {
                 let p = part.trim();
                 if p.is_empty() || !p.bytes().all(|c| c.is_ascii_digit()) {
-                    return Err(());
+                    return Err(BadLength);
                 }
-                let n: u64 = p.parse().map_err(|_| ())?;
+                let n: u64 = p.parse().map_err(|_| BadLength)?;
                 if found.is_some_and(|f| f != n) {
-                    return Err(());
+                    return Err(BadLength);
                 }
                 found = Some(n);
             }
@@ -61,6 +61,10 @@ impl RequestHead {
         self.version == "HTTP/1.1" || self.has_token("Connection", "keep-alive")
     }
 }
+
+/// A `Content-Length` that is not one non-negative integer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadLength;
 
 /// Why a head could not be read.
 #[derive(Debug, PartialEq, Eq)]
@@ -235,9 +239,9 @@ mod tests {
         };
         assert_eq!(cl("0"), Ok(Some(0)));
         assert_eq!(cl("100000000000"), Ok(Some(100_000_000_000)));
-        assert_eq!(cl("-1"), Err(()));
-        assert_eq!(cl("1, 2"), Err(()));
-        assert_eq!(cl("99999999999999999999999"), Err(()));
+        assert_eq!(cl("-1"), Err(BadLength));
+        assert_eq!(cl("1, 2"), Err(BadLength));
+        assert_eq!(cl("99999999999999999999999"), Err(BadLength));
         assert_eq!(parse(b"GET / HTTP/1.1").unwrap().content_length(), Ok(None));
     }
 

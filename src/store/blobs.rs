@@ -126,16 +126,21 @@ impl Store {
         get_in(&txn.open_table(BLOBS)?, digest)
     }
 
-    /// Opens a verified reader over a blob's chunks. The reader owns its read transaction's
-    /// table, so it never blocks writers and sees one consistent snapshot.
-    pub fn blob_reader(&self, record: &BlobRecord, digest: &[u8; 32]) -> Result<BlobReader> {
+    /// Looks up a blob and opens a verified reader over its chunks in one read transaction, so
+    /// a blob collected between the two steps is reported missing (a 404) rather than served
+    /// as a short body.
+    pub fn open_blob(&self, digest: &[u8; 32]) -> Result<Option<(BlobRecord, BlobReader)>> {
         let txn = self.begin_read()?;
-        Ok(BlobReader {
+        let Some(record) = get_in(&txn.open_table(BLOBS)?, digest)? else {
+            return Ok(None);
+        };
+        let reader = BlobReader {
             chunks: txn.open_table(CHUNKS)?,
             list: record.chunks.clone(),
             digest: *digest,
             verify_chunks: true,
-        })
+        };
+        Ok(Some((record, reader)))
     }
 
     /// A reader over a chunk list that is not (yet) a blob, such as assembled upload parts.

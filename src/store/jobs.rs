@@ -325,13 +325,13 @@ impl Store {
             }
             let mut hasher = Sha256::new();
             for digest in [&meta, &disk] {
-                let record = self.blob(digest)?.ok_or_else(|| {
+                let (_, reader) = self.open_blob(digest)?.ok_or_else(|| {
                     Error::internal(format!(
                         "blob {} is not stored",
                         validate::digest_string(digest)
                     ))
                 })?;
-                self.blob_reader(&record, digest)?
+                reader
                     .hash_into(&mut hasher)
                     .map_err(|e| Error::internal(format!("reading blob: {e}")))?;
             }

@@ -73,7 +73,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|_| m.clone());
-        crate::metrics::serve(l, store.clone(), door.stats.clone());
+        crate::metrics::serve(l, Arc::downgrade(&store), door.stats.clone());
         log::info(&format!("metrics on http://{shown}/metrics"));
     }
     watch_signals(stop.clone())?;

@@ -4,9 +4,10 @@ use imgsrv::cli::{Cli, Command};
 use imgsrv::config::Config;
 use std::process::ExitCode;
 
-// musl's malloc serialises threads on one lock and returns memory eagerly: under this server's
-// many threads and chunk-sized (1 MiB) buffers it cut a redb-backed download from 1.9 to 0.7 GB/s.
-// mimalloc restores glibc-level speed; glibc builds keep the system allocator.
+// musl's malloc takes one global lock and returns memory to the kernel eagerly: with this
+// server's many threads and chunk-sized (1 MiB) buffers, the static build downloaded 30-35 %
+// slower and spent a third more CPU per byte than with mimalloc (scripts/bench, README
+// "Performance"). glibc builds keep the system allocator.
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

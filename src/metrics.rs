@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 use std::io::Write;
 use std::net::TcpListener;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 /// Upper bounds of the request duration histogram, in seconds.
@@ -261,8 +261,9 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
 }
 
 /// Serves `GET /metrics` on `listener`, one connection at a time with short timeouts: the
-/// endpoint is for a local scraper, not the public.
-pub fn serve(listener: TcpListener, store: Arc<Store>, door: Arc<DoorStats>) {
+/// endpoint is for a local scraper, not the public. It holds the store weakly so that a
+/// shutdown can close the database while this thread still waits for scrapers.
+pub fn serve(listener: TcpListener, store: Weak<Store>, door: Arc<DoorStats>) {
     std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || {
@@ -285,7 +286,10 @@ pub fn serve(listener: TcpListener, store: Arc<Store>, door: Arc<DoorStats>) {
                 let target = head::parse(&buf[..n - 4]).map(|h| (h.method, h.target));
                 let (status, ctype, body) = match target {
                     Ok((m, t)) if (m == "GET" || m == "HEAD") && t.split('?').next() == Some("/metrics") => {
-                        let body = if m == "GET" { render(&store, &door) } else { String::new() };
+                        let body = match (m == "GET", store.upgrade()) {
+                            (true, Some(store)) => render(&store, &door),
+                            _ => String::new(),
+                        };
                         (200, "text/plain; version=0.0.4; charset=utf-8", body)
                     }
                     _ => (404, "text/plain; charset=utf-8", "404 page not found\n".to_string()),

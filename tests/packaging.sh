@@ -10,7 +10,9 @@
 #   5. packaging/build-deb builds a .deb with the expected files and fields;
 #   6. as root: `dpkg -i` installs it where systemd is not PID 1 (also when /run/systemd/system
 #      exists but systemctl cannot reach systemd), the installed binary answers /healthz and
-#      stops cleanly on SIGTERM, the installed units verify, and `dpkg -r` / `dpkg -P` remove it.
+#      stops cleanly on SIGTERM, the installed units verify, and `dpkg -r` / `dpkg -P` remove it;
+#   7. in between, a container booted by real systemd (systemd-nspawn) runs the installed units
+#      as an operator would: tests/packaging-boot.sh lists what it checks.
 # A missing tool skips its check loudly; with CI=true it fails instead.
 # Usage: tests/packaging.sh   (expects target/x86_64-unknown-linux-musl/release/imgsrv)
 set -euo pipefail
@@ -55,8 +57,8 @@ case "$ldd_out" in
   *) fail "ldd lists dynamic dependencies: $ldd_out" ;;
 esac
 if have readelf "apt-get install binutils"; then
-  ! readelf -lW "$bin" | grep -q 'INTERP' || fail "$bin has a program interpreter"
-  ! readelf -dW "$bin" | grep -q '(NEEDED)' || fail "$bin needs shared libraries"
+  ! grep -q 'INTERP' <<<"$(readelf -lW "$bin")" || fail "$bin has a program interpreter"
+  ! grep -q '(NEEDED)' <<<"$(readelf -dW "$bin")" || fail "$bin needs shared libraries"
 fi
 "$bin" --version
 
@@ -260,6 +262,35 @@ code=$(curl -sS -o /dev/null -w '%{http_code}' "http://$addr/healthz")
 case $code in 200 | 204) echo "GET http://$addr/healthz -> $code" ;; *) fail "/healthz answered $code" ;; esac
 stop_and_wait "$pid"
 grep -q . "$d/data/bootstrap-token" || fail "no bootstrap token in the data directory"
+
+# The installed package under real systemd: a throw-away container that boots the host's /usr
+# (read-only, so it sees the package) with an empty /etc and /var, its own network namespace,
+# and runs tests/packaging-boot.sh as its only job.
+if have systemd-nspawn "apt-get install systemd-container" && have openssl "apt-get install openssl"; then
+  step "boot a container with systemd and run the installed units"
+  ct=$work/ct
+  mkdir -p "$ct"
+  cp tests/packaging-boot.sh "$ct/driver.sh"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=localhost \
+    -keyout "$ct/tls.key" -out "$ct/tls.crt" 2>/dev/null
+  printf '%s\n' '[Unit]' 'Description=imgsrv packaging test' 'Requires=imgsrv-test.service' \
+    'After=imgsrv-test.service' >"$ct/imgsrv-test.target"
+  printf '%s\n' '[Unit]' 'Description=imgsrv packaging test driver' 'After=basic.target' \
+    '[Service]' 'Type=oneshot' 'ExecStart=/bin/bash /ct/driver.sh' \
+    'ExecStopPost=/bin/systemctl --no-block poweroff' >"$ct/imgsrv-test.service"
+  timeout 180 systemd-nspawn --quiet --directory=/ --volatile=yes --register=no --keep-unit \
+    --private-network --bind="$ct:/ct" --bind-ro=/etc/default/imgsrv \
+    --bind-ro="$ct/imgsrv-test.service:/etc/systemd/system/imgsrv-test.service" \
+    --bind-ro="$ct/imgsrv-test.target:/etc/systemd/system/imgsrv-test.target" \
+    --boot -- --unit=imgsrv-test.target systemd.firstboot=off >"$ct/console" 2>&1 || true
+  if [ ! -f "$ct/result" ]; then
+    sed 's/\x1b\[[0-9;]*m//g' "$ct/console" | tail -n 40
+    [ -f "$ct/transcript" ] && cat "$ct/transcript"
+    fail "the container test did not finish"
+  fi
+  cat "$ct/transcript"
+  [ "$(cat "$ct/result")" = PASS ] || fail "the installed units misbehave under systemd"
+fi
 
 # The same scripts where /run/systemd/system exists (as on a systemd host) but systemctl cannot
 # reach systemd: daemon-reload, try-restart and stop fail, and the scripts must carry on.

@@ -14,6 +14,7 @@ mod api_uploads;
 mod crash;
 mod frontdoor;
 mod incus;
+mod lifecycle;
 mod metrics;
 mod smoke;
 mod storage;

@@ -641,7 +641,7 @@ fn corrupted_chunk_is_never_served() {
     wait_until(10, "the log names the blob", || {
         s.log_text()
             .lines()
-            .any(|l| l.contains("sha256 verification") && l.contains(&digest))
+            .any(|l| l.contains("checksum verification") && l.contains(&digest))
     });
     let failures = metric(
         &metrics_addr(&s),

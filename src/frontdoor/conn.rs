@@ -15,11 +15,18 @@ use std::time::{Duration, Instant};
 /// A client stream: plain TCP or TLS over TCP, with access to the socket for timeouts.
 trait Client: Read + Write {
     fn tcp(&self) -> &TcpStream;
+    /// The socket to `splice` response bodies into, when bytes go to it unchanged (plain TCP).
+    fn splice_target(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
 impl Client for TcpStream {
     fn tcp(&self) -> &TcpStream {
         self
+    }
+    fn splice_target(&self) -> Option<&TcpStream> {
+        Some(self)
     }
 }
 
@@ -338,7 +345,22 @@ fn relay<C: Client>(
             client.write_all(&rbuf[rhead_len..rhead_len + n])?;
             left -= n as u64;
         }
-        let mut block = vec![0u8; RELAY_BUF];
+        client.flush()?;
+        if left > 0
+            && resp_len.is_some()
+            && let Some(sock) = client.splice_target()
+        {
+            match splice_body(&backend, sock, left)? {
+                Spliced::All => left = 0,
+                Spliced::CutShort => return Ok(false),
+                Spliced::Unsupported(done) => left -= done,
+            }
+        }
+        let mut block = if left > 0 {
+            vec![0u8; RELAY_BUF]
+        } else {
+            Vec::new()
+        };
         while left > 0 {
             let want = left.min(RELAY_BUF as u64) as usize;
             let n = match backend.read(&mut block[..want]) {
@@ -361,6 +383,63 @@ fn relay<C: Client>(
         drain_briefly(client, remaining);
     }
     Ok(reuse)
+}
+
+enum Spliced {
+    All,
+    /// The backend ended before the declared length (a chunk failed verification).
+    CutShort,
+    /// The kernel refused to splice; this many bytes went through before. Copy the rest.
+    Unsupported(u64),
+}
+
+/// Moves `len` response-body bytes from the backend socket to the client socket through a
+/// pipe with `splice`, so blob bodies are relayed without being copied through user space.
+fn splice_body(backend: &UnixStream, client: &TcpStream, len: u64) -> io::Result<Spliced> {
+    use rustix::pipe::{SpliceFlags, pipe, splice};
+    let (pr, pw) = pipe()?;
+    // A 1 MiB pipe moves a whole chunk per call; the default 64 KiB works too, only slower.
+    let _ = rustix::pipe::fcntl_setpipe_size(&pw, 1024 * 1024);
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(1024 * 1024) as usize;
+        let n = match splice(
+            backend,
+            None,
+            &pw,
+            None,
+            want,
+            SpliceFlags::MOVE | SpliceFlags::MORE,
+        ) {
+            Ok(0) => return Ok(Spliced::CutShort),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(rustix::io::Errno::INVAL) if done == 0 => return Ok(Spliced::Unsupported(0)),
+            Err(e) => return Err(e.into()),
+        };
+        let mut in_pipe = n;
+        while in_pipe > 0 {
+            let more = if done + (n as u64) < len {
+                SpliceFlags::MORE
+            } else {
+                SpliceFlags::empty()
+            };
+            match splice(&pr, None, client, None, in_pipe, SpliceFlags::MOVE | more) {
+                Ok(0) => return Err(io::Error::new(io::ErrorKind::WriteZero, "client closed")),
+                Ok(m) => in_pipe -= m,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(rustix::io::Errno::AGAIN) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client stopped reading",
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        done += n as u64;
+    }
+    Ok(Spliced::All)
 }
 
 /// Whether the backend has response bytes waiting (a non-blocking peek).

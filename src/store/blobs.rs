@@ -5,7 +5,7 @@
 //!  media type bytes | u32 chunk count | count x (32-byte chunk sha256, u32 chunk length)`.
 
 use super::chunks::{self, ChunkRef};
-use super::tables::{BLOB_REFS, BLOBS, CHUNKS};
+use super::tables::{BLOB_REFS, BLOBS, CHUNK_SUMS, CHUNKS};
 use super::{Store, begin_write_scope};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
@@ -136,9 +136,9 @@ impl Store {
         };
         let reader = BlobReader {
             chunks: txn.open_table(CHUNKS)?,
+            sums: Some(txn.open_table(CHUNK_SUMS)?),
             list: record.chunks.clone(),
             digest: *digest,
-            verify_chunks: true,
         };
         Ok(Some((record, reader)))
     }
@@ -149,9 +149,9 @@ impl Store {
         let txn = self.begin_read()?;
         Ok(BlobReader {
             chunks: txn.open_table(CHUNKS)?,
+            sums: None,
             list,
             digest: *digest,
-            verify_chunks: false,
         })
     }
 
@@ -188,13 +188,14 @@ impl Store {
     }
 }
 
-/// Streams a byte range of a blob, verifying each chunk against its sha256 before any of its
-/// bytes are written.
+/// Streams a byte range of a blob, verifying each chunk against its stored checksum (or, for a
+/// chunk without one, its sha256) before any of its bytes are written.
 pub struct BlobReader {
     chunks: ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
+    /// `None` when the caller verifies the whole instead (assembling an upload).
+    sums: Option<ReadOnlyTable<&'static [u8; 32], u128>>,
     list: Vec<ChunkRef>,
     digest: [u8; 32],
-    verify_chunks: bool,
 }
 
 impl BlobReader {
@@ -221,16 +222,28 @@ impl BlobReader {
                 return Err(self.fail("missing chunk"));
             };
             let data = guard.value();
-            if data.len() != c.len as usize
-                || (self.verify_chunks && Sha256::digest(data).as_slice() != c.hash)
-            {
-                return Err(self.fail("chunk failed sha256 verification"));
+            if data.len() != c.len as usize || !self.intact(&c.hash, data)? {
+                return Err(self.fail("chunk failed checksum verification"));
             }
             let a = start.saturating_sub(c_start) as usize;
             let b = (end.min(c_end) - c_start) as usize;
             out.write_all(&data[a..b])?;
         }
         Ok(())
+    }
+
+    /// Whether a chunk's bytes match what was stored.
+    fn intact(&self, hash: &[u8; 32], data: &[u8]) -> io::Result<bool> {
+        let Some(sums) = &self.sums else {
+            return Ok(true);
+        };
+        let sum = sums
+            .get(hash)
+            .map_err(|e| io::Error::other(format!("reading chunk checksum: {e}")))?;
+        Ok(match sum {
+            Some(sum) => chunks::checksum(data) == sum.value(),
+            None => Sha256::digest(data).as_slice() == hash,
+        })
     }
 
     fn fail(&self, what: &str) -> io::Error {

@@ -5,7 +5,7 @@
 //! would occupy 2 MiB on disk; 1 MiB - 64 bytes leaves room for the key and the page header
 //! and costs about 3 %.
 
-use super::tables::{CHUNK_REFS, CHUNKS, META};
+use super::tables::{CHUNK_REFS, CHUNK_SUMS, CHUNKS, META};
 use crate::error::{Error, Result};
 use redb::{ReadableTable, WriteTransaction};
 use sha2::{Digest, Sha256};
@@ -75,6 +75,7 @@ pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<
     let mut chunks = txn.open_table(CHUNKS)?;
     if count == 0 {
         chunks.insert(&chunk.hash, data)?;
+        store_sum(txn, &chunk.hash, data)?;
         count_stored(txn, 1, data.len() as i64)?;
     } else {
         // A stored copy that differs from the fresh bytes was damaged on disk. Left alone, it
@@ -86,6 +87,7 @@ pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<
             Some(true) => {}
             found => {
                 chunks.insert(&chunk.hash, data)?;
+                store_sum(txn, &chunk.hash, data)?;
                 if found.is_none() {
                     count_stored(txn, 1, data.len() as i64)?;
                 }
@@ -121,6 +123,7 @@ pub fn add_refs(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
 pub fn release(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
     let mut refs = txn.open_table(CHUNK_REFS)?;
     let mut chunks = txn.open_table(CHUNKS)?;
+    let mut sums = txn.open_table(CHUNK_SUMS)?;
     let (mut freed, mut freed_bytes) = (0i64, 0i64);
     for c in list {
         let count = refs.get(&c.hash)?.map(|v| v.value()).unwrap_or(0);
@@ -129,6 +132,7 @@ pub fn release(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
             1 => {
                 refs.remove(&c.hash)?;
                 chunks.remove(&c.hash)?;
+                sums.remove(&c.hash)?;
                 freed += 1;
                 freed_bytes += c.len as i64;
             }
@@ -137,7 +141,7 @@ pub fn release(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
             }
         }
     }
-    drop((refs, chunks));
+    drop((refs, chunks, sums));
     if freed > 0 {
         count_stored(txn, -freed, -freed_bytes)?;
     }
@@ -152,5 +156,15 @@ fn count_stored(txn: &WriteTransaction, chunks: i64, bytes: i64) -> Result<()> {
         let now = meta.get(key)?.map(|v| v.value()).unwrap_or(0) as i64;
         meta.insert(key, (now + delta).max(0) as u64)?;
     }
+    Ok(())
+}
+
+/// The read-time checksum of a chunk's bytes (see `CHUNK_SUMS`).
+pub fn checksum(data: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(data)
+}
+
+fn store_sum(txn: &WriteTransaction, hash: &[u8; 32], data: &[u8]) -> Result<()> {
+    txn.open_table(CHUNK_SUMS)?.insert(hash, checksum(data))?;
     Ok(())
 }

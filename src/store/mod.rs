@@ -74,6 +74,7 @@ impl Store {
             // Create every table so that read transactions never meet a missing one.
             txn.open_table(CHUNKS)?;
             txn.open_table(CHUNK_REFS)?;
+            txn.open_table(CHUNK_SUMS)?;
             txn.open_table(BLOBS)?;
             txn.open_table(BLOB_REFS)?;
             txn.open_table(UPLOADS)?;

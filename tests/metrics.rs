@@ -73,7 +73,19 @@ fn metrics_reflect_a_workload() {
     let dl = s.get(&format!("/v1/blobs/{digest}"));
     assert_eq!(dl.body.len(), a.len());
 
-    let r = raw_request(&addr, "GET", "/metrics", &[], None);
+    // A request is counted just after its response is written, so the last download may not
+    // be counted yet when its bytes have arrived: scrape until it is (5 s at most).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let r = loop {
+        let r = raw_request(&addr, "GET", "/metrics", &[], None);
+        let counted = r.text().lines().any(|l| {
+            l.starts_with(r#"imgsrv_http_requests_total{route="/v1/blobs/{digest}",method="GET",status="200"}"#)
+        });
+        if counted || Instant::now() > deadline {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(r.status, 200);
     assert!(r.header("Content-Type").unwrap().starts_with("text/plain"));
     let text = r.text();

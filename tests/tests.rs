@@ -15,6 +15,7 @@ mod crash;
 mod frontdoor;
 mod incus;
 mod lifecycle;
+mod logs;
 mod metrics;
 mod smoke;
 mod storage;

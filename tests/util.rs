@@ -86,11 +86,14 @@ impl Server {
                     .iter()
                     .find_map(|p| line.find(p).map(|i| i + p.len()));
                 if !sent && let Some(i) = at {
-                    let addr = line[i..]
-                        .split_whitespace()
-                        .next()
-                        .unwrap_or("")
-                        .to_string();
+                    // The address ends at the first character that cannot be part of it
+                    // (a space in text logs, a quote in JSON logs).
+                    let addr: String = line[i..]
+                        .chars()
+                        .take_while(|c| {
+                            c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '[' | ']')
+                        })
+                        .collect();
                     let _ = tx.send(addr);
                     sent = true;
                 }

@@ -58,6 +58,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         .unwrap_or_else(|_| config.listen.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
     let door = Arc::new(FrontDoor {
+        store: Arc::downgrade(&store),
         limits: config.limits.clone(),
         tls,
         backend: Backend {

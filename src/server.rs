@@ -252,6 +252,19 @@ fn write_response(
     for (k, v) in &resp.headers {
         write!(w, "{k}: {v}\r\n")?;
     }
+    // A blob body is not sent through this socket: the front door, which holds the client's
+    // connection, streams it straight from the store (see `frontdoor::conn`). That saves a copy
+    // through the private socket and frees this worker at once.
+    if let Body::Blob { reader, start, end } = &resp.body
+        && !head_only
+    {
+        write!(
+            w,
+            "{}: {} {start} {end}\r\n",
+            crate::frontdoor::BLOB_BODY_HEADER,
+            crate::validate::hex(&reader.digest())
+        )?;
+    }
     let bodyless = matches!(resp.status, 204 | 304) || (100..200).contains(&resp.status);
     if !bodyless {
         let len = resp.content_length.unwrap_or(match &resp.body {
@@ -274,14 +287,8 @@ fn write_response(
             w.write_all(&b)?;
             b.len() as u64
         }
-        Body::Blob { reader, start, end } => {
-            // Flush the head, then let chunk-sized writes bypass the buffer.
-            w.flush()?;
-            let mut raw = w.into_inner().map_err(|e| e.into_error())?;
-            reader.write_range(&mut raw, start, end)?;
-            raw.flush()?;
-            return Ok(end - start);
-        }
+        // Streamed by the front door, as announced in the head.
+        Body::Blob { start, end, .. } => end - start,
     };
     w.flush()?;
     Ok(sent)

@@ -308,6 +308,7 @@ fn relay<C: Client>(
     let mut resp_len: Option<u64> = None;
     // A client that asked to close is told so in the answer (RFC 9112 9.6).
     let reuse = !early && head.keep_alive();
+    let mut blob: Option<([u8; 32], u64, u64)> = None;
     let mut rhead = Vec::with_capacity(rhead_len + 32);
     rhead.extend_from_slice(status_line.as_bytes());
     rhead.extend_from_slice(b"\r\n");
@@ -320,6 +321,10 @@ fn relay<C: Client>(
         }
         if k.eq_ignore_ascii_case("Content-Length") {
             resp_len = v.trim().parse().ok();
+        }
+        if k.eq_ignore_ascii_case(super::BLOB_BODY_HEADER) {
+            blob = parse_blob_directive(v);
+            continue;
         }
         rhead.extend_from_slice(l.as_bytes());
         rhead.extend_from_slice(b"\r\n");
@@ -335,6 +340,24 @@ fn relay<C: Client>(
         rhead.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     rhead.extend_from_slice(b"\r\n");
+    if let (Some((digest, start, end)), false) = (blob, bodyless) {
+        // Open the blob before anything is sent, so that one collected since the request
+        // server looked is still a clean 404 rather than a short body.
+        let opened = door.store.upgrade().map(|s| s.open_blob(&digest));
+        let Some(Ok(Some((_, reader)))) = opened else {
+            client.write_all(&simple_response(404, "blob not found", false))?;
+            return Ok(false);
+        };
+        client.write_all(&rhead)?;
+        if let Err(e) = reader.write_range(client, start, end) {
+            // A chunk failed verification (already logged and counted) or the client went
+            // away: the client must see a short body and a closed connection.
+            log::event("debug", 3, &format!("blob body cut short: {e}"), &[]);
+            return Ok(false);
+        }
+        client.flush()?;
+        return Ok(reuse);
+    }
     client.write_all(&rhead)?;
 
     if !bodyless {
@@ -383,6 +406,15 @@ fn relay<C: Client>(
         drain_briefly(client, remaining);
     }
     Ok(reuse)
+}
+
+/// Parses `<sha256 hex> <start> <end>`.
+fn parse_blob_directive(v: &str) -> Option<([u8; 32], u64, u64)> {
+    let mut parts = v.split_whitespace();
+    let digest = crate::validate::digest_bytes(&format!("sha256:{}", parts.next()?))?;
+    let start = parts.next()?.parse().ok()?;
+    let end = parts.next()?.parse().ok()?;
+    (start <= end).then_some((digest, start, end))
 }
 
 enum Spliced {

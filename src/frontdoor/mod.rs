@@ -72,7 +72,14 @@ pub struct Stats {
     pub accept_errors: AtomicUsize,
 }
 
+/// The response header by which the request server asks the front door to stream a blob range
+/// itself: `X-Imgsrv-Blob: <sha256 hex> <start> <end>`. Only the request server can set it (it
+/// is a response header), and it never reaches the client.
+pub const BLOB_BODY_HEADER: &str = "X-Imgsrv-Blob";
+
 pub struct FrontDoor {
+    /// Blob bodies are streamed from here; weak so that shutdown can close the database.
+    pub store: std::sync::Weak<crate::store::Store>,
     pub limits: Limits,
     pub tls: Option<Arc<rustls::ServerConfig>>,
     pub backend: Backend,

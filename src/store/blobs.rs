@@ -232,6 +232,11 @@ impl BlobReader {
         Ok(())
     }
 
+    /// The sha256 of the blob this reader serves.
+    pub fn digest(&self) -> [u8; 32] {
+        self.digest
+    }
+
     /// Whether a chunk's bytes match what was stored.
     fn intact(&self, hash: &[u8; 32], data: &[u8]) -> io::Result<bool> {
         let Some(sums) = &self.sums else {

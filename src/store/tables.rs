@@ -22,7 +22,7 @@ pub const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chun
 /// sha256(chunk) -> number of references (blob chunk lists, upload parts, staging rows).
 /// The chunk row and this row are deleted together when the count reaches zero.
 pub const CHUNK_REFS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_refs");
-/// sha256(chunk) -> xxh3-128 of the chunk's bytes, written and deleted with the chunk row.
+/// sha256(chunk) -> XXH3-128 of the chunk's bytes (twox-hash, AVX2 chosen at run time), written and deleted with the chunk row.
 /// Downloads verify chunks against this checksum: it catches any corruption of the stored
 /// bytes as surely as sha256 for our purpose (redb does not check its page checksums on
 /// ordinary reads) at a small fraction of the CPU, which sha256 dominated (57 % of a

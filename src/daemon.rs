@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Runs the server until it fails; returns the failure.
 pub fn serve(config: Config) -> Result<(), String> {
+    // First, before anything opens a file descriptor: a socket passed by systemd is fd 3.
+    let passed = crate::systemd::listen_fd()?;
     log::init(config.log_format, config.verbosity);
     raise_fd_limit();
     exit_on_foreign_panics();
@@ -51,7 +53,7 @@ pub fn serve(config: Config) -> Result<(), String> {
     let socket = backend_socket_path(&config);
     let backend = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;
 
-    let listener = listener(&config.listen)?;
+    let listener = listener(passed, &config.listen)?;
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -177,9 +179,9 @@ fn backend_socket_path(config: &Config) -> PathBuf {
     }
 }
 
-/// The network listener: a socket passed by systemd (`LISTEN_FDS`), else a bound address.
-fn listener(listen: &str) -> Result<TcpListener, String> {
-    if let Some(l) = crate::systemd::listen_fd()? {
+/// The network listener: the socket passed by systemd (`LISTEN_FDS`), else a bound address.
+fn listener(passed: Option<TcpListener>, listen: &str) -> Result<TcpListener, String> {
+    if let Some(l) = passed {
         log::info("using the socket passed by systemd");
         return Ok(l);
     }

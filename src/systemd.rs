@@ -17,19 +17,22 @@ pub fn listen_fd() -> Result<Option<TcpListener>, String> {
     if !pid_matches || count == 0 {
         return Ok(None);
     }
-    // The variables are consumed so that child processes do not take the socket for theirs.
-    // SAFETY of the environment mutation: this runs during start-up on the main thread before
-    // any other thread that could read the environment is spawned... except the workers started
-    // earlier, which never read the environment.
-    unsafe {
-        std::env::remove_var("LISTEN_FDS");
-        std::env::remove_var("LISTEN_PID");
-        std::env::remove_var("LISTEN_FDNAMES");
+    // The variables are left in place: imgsrv starts no child processes that could mistake
+    // the socket for theirs, and changing the environment of a multi-threaded process is unsound.
+    //
+    // Check that fd 3 is open and a socket before taking it, without touching it: its
+    // /proc/self/fd link names the socket (a `stat`, which opens no descriptor).
+    let link = std::fs::read_link("/proc/self/fd/3")
+        .map_err(|e| format!("LISTEN_FDS is set but fd 3 is not open: {e}"))?;
+    if !link.to_string_lossy().starts_with("socket:") {
+        return Err(format!(
+            "LISTEN_FDS is set but fd 3 is {}, not a socket",
+            link.display()
+        ));
     }
-    // SAFETY: with LISTEN_PID equal to our pid, systemd's socket-activation protocol hands this
-    // process file descriptor 3 (SD_LISTEN_FDS_START) open and owned by nobody else in the
-    // process; nothing else in imgsrv opens or closes fd 3 before this point, so taking
-    // ownership of it exactly once here is sound.
+    // SAFETY: `serve` calls this before the process opens any file or socket, so the open
+    // socket at fd 3 is the one systemd passed (LISTEN_PID names this process) and nothing
+    // else in imgsrv refers to fd 3; taking ownership of it exactly once here is sound.
     let fd = unsafe { OwnedFd::from_raw_fd(3) };
     let sock_type =
         rustix::net::sockopt::socket_type(&fd).map_err(|e| format!("LISTEN_FDS socket: {e}"))?;

@@ -19,12 +19,21 @@ pub fn serve(config: Config) -> Result<(), String> {
     log::init(config.log_format, config.verbosity);
     raise_fd_limit();
     exit_on_foreign_panics();
-    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-        format!(
-            "cannot create data directory {}: {e}",
-            config.data_dir.display()
-        )
-    })?;
+    // A directory imgsrv creates is private to its user (0700): it holds the database (drafts
+    // are not public) and the bootstrap token. An existing one keeps the operator's choice.
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(|e| {
+                format!(
+                    "cannot create data directory {}: {e}",
+                    config.data_dir.display()
+                )
+            })?;
+    }
     let tls = match (&config.tls_cert, &config.tls_key) {
         (Some(c), Some(k)) => Some(crate::frontdoor::tls::load(c, k)?),
         _ => None,

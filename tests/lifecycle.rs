@@ -75,6 +75,7 @@ fn notify_ready_then_graceful_sigterm_finishes_inflight_download() {
         }
     });
     let mut buf = [0u8; 256];
+    // (Checked below, once the server has started: it created `data` itself, private to it.)
     let n = notify.recv(&mut buf).unwrap_or_else(|e| {
         panic!(
             "no READY=1 notification: {e}; log: {:?}",
@@ -91,6 +92,16 @@ fn notify_ready_then_graceful_sigterm_finishes_inflight_download() {
         }
     };
 
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("data"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(
+        mode & 0o777,
+        0o700,
+        "a data directory imgsrv creates is private"
+    );
     // A 24 MiB blob, read slowly so the download is still running when SIGTERM arrives.
     let mut s = Server {
         dir: tempfile::tempdir().unwrap(),

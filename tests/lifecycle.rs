@@ -75,7 +75,6 @@ fn notify_ready_then_graceful_sigterm_finishes_inflight_download() {
         }
     });
     let mut buf = [0u8; 256];
-    // (Checked below, once the server has started: it created `data` itself, private to it.)
     let n = notify.recv(&mut buf).unwrap_or_else(|e| {
         panic!(
             "no READY=1 notification: {e}; log: {:?}",

@@ -16,7 +16,8 @@ fn json_logs_have_one_line_per_request_and_step_and_no_secrets() {
         b"",
     );
     assert_eq!(r.status, 200);
-    let text = s.log_text();
+    // The line is written just after the response; give the log reader a moment.
+    let text = wait_for_log(&s, "trace-me-123");
     let lines: Vec<Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))

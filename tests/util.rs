@@ -276,27 +276,9 @@ impl Server {
         disk: &[u8],
         meta: &[u8],
     ) -> Value {
-        let d = self.upload(token, disk);
+        let a = draft_with_artifact(self, token, image, version, disk);
         let m = self.upload(token, meta);
-        let r = self.call("POST", "/v1/images", token, &json!({"name": image}));
-        assert!(r.status == 201 || r.status == 409, "{}", r.text());
-        let r = self.call(
-            "POST",
-            &format!("/v1/images/{image}/versions"),
-            token,
-            &json!({"version": version}),
-        );
-        assert_eq!(r.status, 201, "{}", r.text());
-        let a = self.call(
-            "POST",
-            &format!("/v1/images/{image}/versions/{version}/artifacts"),
-            token,
-            &json!({"operating_system": "debian", "architecture": "x86_64", "format": "qcow2",
-                    "primary_blob_digest": d, "primary_blob_size_bytes": disk.len(),
-                    "primary_media_type": "application/x-qemu-disk"}),
-        );
-        assert_eq!(a.status, 201, "{}", a.text());
-        let aid = a.json()["id"].as_str().unwrap().to_string();
+        let aid = a["id"].as_str().unwrap().to_string();
         let t = self.call(
             "POST",
             &format!("/v1/images/{image}/versions/{version}/artifacts/{aid}/attachments"),

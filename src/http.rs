@@ -3,7 +3,6 @@
 
 use crate::clock::Timestamp;
 use crate::error::{Error, Kind};
-use crate::store::blobs::BlobReader;
 use serde::Serialize;
 use std::io::Read;
 
@@ -31,11 +30,10 @@ impl Request<'_> {
 pub enum Body {
     Empty,
     Bytes(Vec<u8>),
-    /// Bytes `start..end` of a blob, streamed and verified chunk by chunk. The reader is boxed
-    /// because it owns a redb table handle of a few hundred bytes, which would otherwise make
-    /// every `Response` (and every handler's `Result`) that large.
+    /// Bytes `start..end` of the blob with this sha256. The front door streams them from the
+    /// store (verifying each chunk), so the response carries only what to send.
     Blob {
-        reader: Box<BlobReader>,
+        digest: [u8; 32],
         start: u64,
         end: u64,
     },

@@ -255,14 +255,14 @@ fn write_response(
     // A blob body is not sent through this socket: the front door, which holds the client's
     // connection, streams it straight from the store (see `frontdoor::conn`). That saves a copy
     // through the private socket and frees this worker at once.
-    if let Body::Blob { reader, start, end } = &resp.body
+    if let Body::Blob { digest, start, end } = &resp.body
         && !head_only
     {
         write!(
             w,
             "{}: {} {start} {end}\r\n",
             crate::frontdoor::BLOB_BODY_HEADER,
-            crate::validate::hex(&reader.digest())
+            crate::validate::hex(digest)
         )?;
     }
     let bodyless = matches!(resp.status, 204 | 304) || (100..200).contains(&resp.status);

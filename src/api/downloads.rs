@@ -8,7 +8,7 @@ use crate::clock::Timestamp;
 use crate::http::{
     Body, RangeOutcome, Request, Response, if_range_allows, not_modified, parse_range, problem,
 };
-use crate::store::blobs::{BlobReader, BlobRecord};
+use crate::store::blobs::BlobRecord;
 use crate::validate;
 
 /// What is served and how it is described.
@@ -19,18 +19,21 @@ struct Representation {
     filename: Option<String>,
 }
 
-/// The blob and a reader over it, from one snapshot (404 when it does not exist).
-fn load_blob(app: &App, digest: &str) -> Result<(BlobRecord, BlobReader), Response> {
+/// The blob's record (404 when it does not exist). Its bytes are opened by the front door,
+/// which streams them, in one snapshot with the record it checks again there.
+fn load_blob(app: &App, digest: &str) -> Result<([u8; 32], BlobRecord), Response> {
     let key = validate::digest_bytes(digest)
         .ok_or_else(|| Response::from(crate::error::Error::internal("stored digest is invalid")))?;
-    app.store
-        .open_blob(&key)
+    let record = app
+        .store
+        .blob(&key)
         .map_err(err)?
-        .ok_or_else(|| problem(404, &format!("blob not found: {digest}")))
+        .ok_or_else(|| problem(404, &format!("blob not found: {digest}")))?;
+    Ok((key, record))
 }
 
-fn serve(app: &App, req: &Request, rep: Representation) -> HandlerResult {
-    let (record, reader) = load_blob(app, &rep.digest)?;
+/// Answers for a representation whose blob record was already loaded.
+fn serve(req: &Request, rep: Representation, key: [u8; 32], size: u64) -> HandlerResult {
     let etag = format!("\"{}\"", rep.digest);
     let mut base = Response::new(200)
         .header("ETag", etag.clone())
@@ -52,7 +55,6 @@ fn serve(app: &App, req: &Request, rep: Representation) -> HandlerResult {
             format!("attachment; filename=\"{name}\""),
         );
     }
-    let size = record.size;
     let range = if if_range_allows(req.header("If-Range"), &etag, rep.last_modified) {
         parse_range(req.header("Range"), size)
     } else {
@@ -72,7 +74,7 @@ fn serve(app: &App, req: &Request, rep: Representation) -> HandlerResult {
     base = base.header("Content-Type", rep.content_type);
     base.content_length = Some(end - start);
     base.body = Body::Blob {
-        reader: Box::new(reader),
+        digest: key,
         start,
         end,
     };
@@ -86,19 +88,16 @@ pub fn blob(app: &App, req: &Request, digest: &str) -> HandlerResult {
             "upload invalid input: digest must match sha256:<64 lowercase hex chars>",
         ));
     }
-    let (record, _) = load_blob(app, digest)?;
-    serve(
-        app,
-        req,
-        Representation {
-            digest: digest.to_string(),
-            content_type: record
-                .media_type
-                .unwrap_or_else(|| "application/octet-stream".to_string()),
-            last_modified: record.verified_at,
-            filename: None,
-        },
-    )
+    let (key, record) = load_blob(app, digest)?;
+    let rep = Representation {
+        digest: digest.to_string(),
+        content_type: record
+            .media_type
+            .unwrap_or_else(|| "application/octet-stream".to_string()),
+        last_modified: record.verified_at,
+        filename: None,
+    };
+    serve(req, rep, key, record.size)
 }
 
 fn check_filename(given: Option<&str>, canonical: &str) -> Result<(), Response> {
@@ -126,16 +125,14 @@ pub fn artifact(
         .map_err(err)?;
     let canonical = format!("disk.{}", a.format);
     check_filename(filename, &canonical)?;
-    serve(
-        app,
-        req,
-        Representation {
-            digest: a.primary_blob_digest,
-            content_type: a.primary_media_type,
-            last_modified: a.updated_at,
-            filename: Some(canonical),
-        },
-    )
+    let (key, record) = load_blob(app, &a.primary_blob_digest)?;
+    let rep = Representation {
+        digest: a.primary_blob_digest,
+        content_type: a.primary_media_type,
+        last_modified: a.updated_at,
+        filename: Some(canonical),
+    };
+    serve(req, rep, key, record.size)
 }
 
 pub fn attachment(
@@ -154,14 +151,12 @@ pub fn attachment(
         .published_attachment(name, version, artifact, attachment)
         .map_err(err)?;
     check_filename(filename, &att.name)?;
-    serve(
-        app,
-        req,
-        Representation {
-            digest: att.blob_digest,
-            content_type: att.media_type,
-            last_modified: att.updated_at,
-            filename: Some(att.name),
-        },
-    )
+    let (key, record) = load_blob(app, &att.blob_digest)?;
+    let rep = Representation {
+        digest: att.blob_digest,
+        content_type: att.media_type,
+        last_modified: att.updated_at,
+        filename: Some(att.name),
+    };
+    serve(req, rep, key, record.size)
 }

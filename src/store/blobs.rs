@@ -121,6 +121,7 @@ pub fn collect_if_unused(
 }
 
 impl Store {
+    /// A trusted blob's record (size, verification time, media type, chunk list).
     pub fn blob(&self, digest: &[u8; 32]) -> Result<Option<BlobRecord>> {
         let txn = self.begin_read()?;
         get_in(&txn.open_table(BLOBS)?, digest)
@@ -230,11 +231,6 @@ impl BlobReader {
             out.write_all(&data[a..b])?;
         }
         Ok(())
-    }
-
-    /// The sha256 of the blob this reader serves.
-    pub fn digest(&self) -> [u8; 32] {
-        self.digest
     }
 
     /// Whether a chunk's bytes match what was stored.

@@ -386,16 +386,25 @@ impl Store {
     /// when no request can be streaming.
     pub(crate) fn release_staging(&self) -> Result<()> {
         begin_write_scope(self, |txn| {
-            let mut staging = txn.open_table(STAGING)?;
-            let mut list = Vec::new();
-            for row in staging.extract_if(|_, _| true)? {
-                let (_, v) = row?;
-                list.push(ChunkRef::decode(v.value()));
-            }
-            drop(staging);
+            let list = take_staged(txn, (0, 0)..=(u128::MAX, u32::MAX))?;
             chunks::release(txn, &list)
         })
     }
+}
+
+/// Removes the staging rows in `range` and returns their chunk references in order; the caller
+/// either hands them to a part (which then owns their references) or releases them.
+fn take_staged(
+    txn: &WriteTransaction,
+    range: std::ops::RangeInclusive<(u128, u32)>,
+) -> Result<Vec<ChunkRef>> {
+    let mut staging = txn.open_table(STAGING)?;
+    let mut list = Vec::new();
+    for row in staging.extract_from_if(range, |_, _| true)? {
+        let (_, v) = row?;
+        list.push(ChunkRef::decode(v.value()));
+    }
+    Ok(list)
 }
 
 fn validate_complete_list(listed: &[(u32, String, i64)]) -> Result<()> {
@@ -464,13 +473,7 @@ impl PartWriter<'_> {
         let result = begin_write_scope(self.store, |txn| {
             let mut s = load_session(txn, upload)?;
             accepts_parts(&s, Timestamp::now())?;
-            let mut staging = txn.open_table(STAGING)?;
-            let mut list = Vec::new();
-            for row in staging.extract_from_if((nonce, 0u32)..=(nonce, u32::MAX), |_, _| true)? {
-                let (_, v) = row?;
-                list.push(ChunkRef::decode(v.value()));
-            }
-            drop(staging);
+            let list = take_staged(txn, (nonce, 0)..=(nonce, u32::MAX))?;
             let record = PartRecord {
                 size,
                 sha256,
@@ -503,13 +506,7 @@ impl PartWriter<'_> {
     fn release(&self) {
         let nonce = self.nonce;
         let r = begin_write_scope(self.store, |txn| {
-            let mut staging = txn.open_table(STAGING)?;
-            let mut list = Vec::new();
-            for row in staging.extract_from_if((nonce, 0u32)..=(nonce, u32::MAX), |_, _| true)? {
-                let (_, v) = row?;
-                list.push(ChunkRef::decode(v.value()));
-            }
-            drop(staging);
+            let list = take_staged(txn, (nonce, 0)..=(nonce, u32::MAX))?;
             chunks::release(txn, &list)
         });
         if let Err(e) = r {

@@ -19,6 +19,18 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// The child's stderr, line by line, read on a thread so the pipe never fills.
+fn stderr_lines(child: &mut std::process::Child) -> std::sync::mpsc::Receiver<String> {
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
+
 fn sigterm(pid: u32) {
     let st = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
@@ -67,13 +79,7 @@ fn notify_ready_then_graceful_sigterm_finishes_inflight_download() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child.0);
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).unwrap_or_else(|e| {
         panic!(
@@ -181,13 +187,7 @@ fn socket_activation_serves_on_the_passed_socket() {
         .spawn()
         .unwrap();
     let mut child = KillOnDrop(child);
-    let stderr = child.0.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = stderr_lines(&mut child.0);
     // The socket exists before imgsrv starts: the first request starts it (activation).
     let r = {
         let deadline = Instant::now() + Duration::from_secs(20);

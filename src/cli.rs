@@ -74,4 +74,7 @@ pub struct ServeArgs {
     /// how long a shutdown waits for in-flight requests (IMGSRV_SHUTDOWN_TIMEOUT; default 30s)
     #[argh(option)]
     pub shutdown_timeout: Option<String>,
+    /// free space that writes must leave on the data filesystem, e.g. 256MiB, 2GiB, 0 (IMGSRV_DISK_RESERVE; default 256MiB)
+    #[argh(option)]
+    pub disk_reserve: Option<String>,
 }

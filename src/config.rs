@@ -23,6 +23,8 @@ pub struct Config {
     pub cache_bytes: usize,
     pub limits: crate::frontdoor::Limits,
     pub shutdown_timeout: Duration,
+    /// Bytes that writes must leave free on the data directory's filesystem.
+    pub disk_reserve: u64,
 }
 
 fn pick(flag: Option<String>, env: &str) -> Option<String> {
@@ -57,6 +59,28 @@ fn duration(
     }
 }
 
+/// Parses a size such as `0`, `4096`, `512KiB`, `256MiB`, `2GiB`, `1TiB` (binary units; `K`,
+/// `M`, `G`, `T` mean the same) or `500MB`, `2GB` (decimal units).
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        "T" | "TiB" => 1 << 40,
+        "KB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        "TB" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
 impl Config {
     pub fn from_args(a: ServeArgs) -> Result<Config, String> {
         let listen = pick(a.listen, "IMGSRV_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".into());
@@ -88,6 +112,11 @@ impl Config {
         let cache_mib: usize = number(a.cache_mib, "IMGSRV_CACHE_MIB", 64)?;
         let http_threads = number(a.http_threads, "IMGSRV_HTTP_THREADS", 32)?;
         let publish_workers = number(a.publish_workers, "IMGSRV_PUBLISH_WORKERS", 2)?;
+        let reserve_raw =
+            pick(a.disk_reserve, "IMGSRV_DISK_RESERVE").unwrap_or_else(|| "256MiB".into());
+        let disk_reserve = parse_size(&reserve_raw).ok_or_else(|| {
+            format!("disk reserve {reserve_raw:?} is not a size such as 256MiB, 2GiB or 0")
+        })?;
         if http_threads == 0 || publish_workers == 0 {
             return Err("thread counts must be at least 1".into());
         }
@@ -105,6 +134,7 @@ impl Config {
                 "sweep interval",
             )?,
             log_format,
+            disk_reserve,
             verbosity: number(a.verbosity, "IMGSRV_VERBOSITY", 2)?,
             http_threads,
             publish_workers,
@@ -133,5 +163,29 @@ impl Config {
                 ..Default::default()
             },
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_size;
+
+    #[test]
+    fn sizes() {
+        for (s, want) in [
+            ("0", Some(0)),
+            ("4096", Some(4096)),
+            ("16MiB", Some(16 << 20)),
+            ("16M", Some(16 << 20)),
+            ("2GiB", Some(2 << 30)),
+            ("500MB", Some(500_000_000)),
+            ("1TiB", Some(1 << 40)),
+            ("", None),
+            ("MiB", None),
+            ("12 parsecs", None),
+            ("99999999999999999999GiB", None),
+        ] {
+            assert_eq!(parse_size(s), want, "{s}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 use crate::api::App;
 use crate::config::Config;
 use crate::frontdoor::{Backend, FrontDoor, Stats};
-use crate::store::{DB_FILE, Store};
+use crate::store::{DB_FILE, OpenError, Store};
 use crate::{jobs, log, server};
 use std::io::Write;
 use std::net::TcpListener;
@@ -12,8 +12,27 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// Why the server stopped with an error, and the exit code that tells it apart.
+#[derive(Debug)]
+pub struct Failure {
+    pub message: String,
+    pub exit_code: u8,
+}
+
+/// Exit code of a start refused because the database file is damaged.
+pub const EXIT_DAMAGED: u8 = 3;
+
+impl From<String> for Failure {
+    fn from(message: String) -> Failure {
+        Failure {
+            message,
+            exit_code: 1,
+        }
+    }
+}
+
 /// Runs the server until it fails; returns the failure.
-pub fn serve(config: Config) -> Result<(), String> {
+pub fn serve(config: Config) -> Result<(), Failure> {
     // First, before anything opens a file descriptor: a socket passed by systemd is fd 3.
     let passed = crate::systemd::listen_fd()?;
     log::init(config.log_format, config.verbosity);
@@ -39,9 +58,25 @@ pub fn serve(config: Config) -> Result<(), String> {
         _ => None,
     };
     let db_path = config.data_dir.join(DB_FILE);
-    let store = Arc::new(Store::open(&db_path, config.cache_bytes).map_err(|e| e.to_string())?);
+    let store = match Store::open(&db_path, config.cache_bytes, config.disk_reserve) {
+        Ok(s) => Arc::new(s),
+        Err(OpenError::Damaged(message)) => {
+            return Err(Failure {
+                message,
+                exit_code: EXIT_DAMAGED,
+            });
+        }
+        Err(OpenError::Other(message)) => return Err(message.into()),
+    };
     log::info(&format!("database open at {}", db_path.display()));
-    write_bootstrap_token(&store, &config)?;
+    if let Err(e) = write_bootstrap_token(&store, &config) {
+        // On a full disk the server still comes up to serve reads; the token is minted at
+        // the next start with space.
+        if store.can_write() {
+            return Err(e.into());
+        }
+        log::warn(&format!("no bootstrap token: {e}"));
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::bounded(4096);
@@ -51,6 +86,7 @@ pub fn serve(config: Config) -> Result<(), String> {
         let _ = tx.try_send(id);
     }
     let sweeper = jobs::start_sweeper(store.clone(), config.sweep_interval, stop.clone());
+    let doctor = jobs::start_doctor(store.clone(), stop.clone());
 
     let app = Arc::new(App {
         store: store.clone(),
@@ -104,7 +140,7 @@ pub fn serve(config: Config) -> Result<(), String> {
             "{open} connections still busy after {:?}; exiting without waiting for them",
             config.shutdown_timeout
         ));
-        return result;
+        return result.map_err(Failure::from);
     }
     backend.stop();
     drop(app);
@@ -112,17 +148,21 @@ pub fn serve(config: Config) -> Result<(), String> {
         let _ = h.join();
     }
     let _ = sweeper.join();
+    let _ = doctor.join();
     let _ = std::fs::remove_file(&socket);
     match Arc::try_unwrap(store) {
         Ok(store) => {
             drop(store);
             log::info("database closed; stopped cleanly");
         }
-        Err(_) => log::warn(
-            "database still in use at exit; it will be repaired quickly at the next start",
-        ),
+        Err(store) => {
+            store.close();
+            log::warn(
+                "database still in use at exit; closed it anyway (a straggling reader fails)",
+            );
+        }
     }
-    result
+    result.map_err(Failure::from)
 }
 
 /// SIGTERM and SIGINT start a graceful shutdown; a second signal exits at once.
@@ -167,6 +207,11 @@ fn raise_fd_limit() {
 fn exit_on_foreign_panics() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
+        // A panic inside redb on a damaged page is caught and reported as damage by the
+        // store; printing it as a crash would only alarm.
+        if crate::store::handle::panic_is_guarded() {
+            return;
+        }
         default(info);
         if std::thread::current().name().is_none() {
             log::error(&format!(

@@ -17,6 +17,10 @@ pub enum Kind {
     Conflict,
     /// The thing exists but is in the wrong state for the operation (412).
     Precondition,
+    /// The data directory's filesystem cannot take the write (507).
+    InsufficientStorage,
+    /// The store is recovering from an I/O error or cannot write right now (503).
+    Unavailable,
     /// Storage or another internal failure (500).
     Internal,
 }
@@ -52,6 +56,12 @@ impl Error {
     pub fn internal(detail: impl Into<String>) -> Self {
         Self::new(Kind::Internal, detail)
     }
+    pub fn insufficient_storage(detail: impl Into<String>) -> Self {
+        Self::new(Kind::InsufficientStorage, detail)
+    }
+    pub fn unavailable(detail: impl Into<String>) -> Self {
+        Self::new(Kind::Unavailable, detail)
+    }
 }
 
 impl fmt::Display for Error {
@@ -61,28 +71,3 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
-
-/// Storage failures are internal: the detail names the redb failure class but never a path.
-impl From<redb::Error> for Error {
-    fn from(e: redb::Error) -> Self {
-        Error::internal(format!("storage failure: {e}"))
-    }
-}
-
-macro_rules! from_redb {
-    ($($t:ty),*) => {$(
-        impl From<$t> for Error {
-            fn from(e: $t) -> Self {
-                Error::from(redb::Error::from(e))
-            }
-        }
-    )*};
-}
-from_redb!(
-    redb::StorageError,
-    redb::TableError,
-    redb::TransactionError,
-    redb::CommitError,
-    redb::DatabaseError,
-    redb::SetDurabilityError
-);

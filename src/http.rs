@@ -118,6 +118,7 @@ pub fn reason(status: u16) -> &'static str {
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "Unknown",
     }
 }
@@ -150,6 +151,8 @@ pub fn status_of(kind: Kind) -> u16 {
         Kind::NotFound => 404,
         Kind::Conflict => 409,
         Kind::Precondition => 412,
+        Kind::InsufficientStorage => 507,
+        Kind::Unavailable => 503,
         Kind::Internal => 500,
     }
 }

@@ -129,3 +129,49 @@ pub fn start_sweeper(
         })
         .expect("spawning the sweeper")
 }
+
+/// Watches the store's health: reopens the database within a tick of an I/O error (redb
+/// refuses everything after one until it is reopened), leaves read-only mode once space is
+/// back, and keeps the headroom file in place. Logs the cause with the data directory's free
+/// space when the store stops being writable.
+pub fn start_doctor(store: Arc<Store>, stop: Arc<AtomicBool>) -> JoinHandle<()> {
+    use crate::store::Health;
+    std::thread::Builder::new()
+        .name("storage-doctor".into())
+        .spawn(move || {
+            let mut tick = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(50));
+                tick += 1;
+                let read_only = store.health() == Health::ReadOnly;
+                // A read-only store tries a writable open every 2 s once the filesystem has
+                // room beyond the reserve again (a reopen cuts the downloads in flight short).
+                let space_back = read_only
+                    && tick.is_multiple_of(40)
+                    && store.filesystem_free() >= store.reserve_bytes() + (4 << 20);
+                if crate::store::handle::needs_reopen() || space_back {
+                    let free = store.filesystem_free();
+                    if !read_only {
+                        log::error(&format!(
+                            "storage error: reopening the database ({} bytes free on the data \
+                             filesystem, {} reserved)",
+                            free,
+                            store.reserve_bytes()
+                        ));
+                    }
+                    let started = std::time::Instant::now();
+                    let health = store.recover();
+                    if health == Health::Writable {
+                        log::info(&format!(
+                            "storage recovered in {:.1} ms",
+                            started.elapsed().as_secs_f64() * 1000.0
+                        ));
+                    }
+                }
+                if tick.is_multiple_of(20) {
+                    store.maintain_headroom();
+                }
+            }
+        })
+        .expect("spawning the storage doctor")
+}

@@ -32,8 +32,8 @@ fn main() -> ExitCode {
     match imgsrv::daemon::serve(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            imgsrv::log::error(&e);
-            ExitCode::FAILURE
+            imgsrv::log::error(&e.message);
+            ExitCode::from(e.exit_code)
         }
     }
 }

@@ -181,6 +181,53 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
         "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their sha256 check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}",
         VERIFY_FAILURES.load(Ordering::Relaxed)
     );
+    {
+        use crate::store::handle::{DAMAGE_ERRORS, IO_ERRORS, NO_SPACE_ERRORS, RECOVERIES};
+        let _ = writeln!(
+            w,
+            "# HELP imgsrv_storage_errors_total Storage failures by kind: no_space (the disk was full), io (another I/O error), damaged (a damaged page or record was met).\n# TYPE imgsrv_storage_errors_total counter"
+        );
+        for (kind, n) in [
+            ("no_space", &NO_SPACE_ERRORS),
+            ("io", &IO_ERRORS),
+            ("damaged", &DAMAGE_ERRORS),
+        ] {
+            let _ = writeln!(
+                w,
+                "imgsrv_storage_errors_total{{kind=\"{kind}\"}} {}",
+                n.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            w,
+            "# HELP imgsrv_storage_recoveries_total Times the database was reopened after an I/O error or to leave read-only mode.\n# TYPE imgsrv_storage_recoveries_total counter\nimgsrv_storage_recoveries_total {}",
+            RECOVERIES.load(Ordering::Relaxed)
+        );
+    }
+    gauge(
+        w,
+        "imgsrv_storage_state",
+        "0: reads and writes work, 1: read-only (the disk was full at open), 2: recovering.",
+        store.health() as u64,
+    );
+    gauge(
+        w,
+        "imgsrv_data_filesystem_free_bytes",
+        "Bytes free on the data directory's filesystem.",
+        store.filesystem_free(),
+    );
+    gauge(
+        w,
+        "imgsrv_data_reserve_bytes",
+        "Bytes that writes must leave free on the data filesystem (--disk-reserve).",
+        store.reserve_bytes(),
+    );
+    gauge(
+        w,
+        "imgsrv_database_file_bytes",
+        "Size of the database file.",
+        store.file_bytes(),
+    );
     match store.stats() {
         Ok(s) => {
             let _ = writeln!(

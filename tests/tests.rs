@@ -12,6 +12,7 @@ mod api_publish;
 mod api_routing;
 mod api_uploads;
 mod crash;
+mod disk;
 mod frontdoor;
 mod incus;
 mod lifecycle;

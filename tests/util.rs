@@ -50,6 +50,42 @@ impl Server {
         s
     }
 
+    /// Starts with a data directory the caller made (say, on a filesystem it mounted).
+    pub fn start_in(dir: tempfile::TempDir, extra: &[&str]) -> Server {
+        let mut s = Server {
+            dir,
+            addr: String::new(),
+            child: None,
+            log: Arc::new(Mutex::new(String::new())),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        s.spawn();
+        s
+    }
+
+    /// SIGTERM, then waits for the exit (a clean stop closes the database).
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while c.try_wait().ok().flatten().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "imgsrv did not stop after SIGTERM"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts again on the same data directory after `kill9` or `terminate`.
+    pub fn start_again(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }

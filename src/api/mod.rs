@@ -233,6 +233,19 @@ pub fn handle(app: &App, req: &mut Request) -> Response {
         }
         return Response::text(405, "Method Not Allowed\n").header("Allow", allow.join(", "));
     }
+    // Every write that stores something leaves the disk reserve alone: while the disk is too
+    // full, it is refused with 507 before its body is read. Part uploads are admitted by
+    // their declared length in their handler, and completing them only records what their
+    // admission already counted; aborts and deletes free space. Those always run.
+    if matches!(method.as_str(), "POST" | "PUT")
+        && !matches!(
+            route,
+            Route::UploadPart(..) | Route::UploadAbort(..) | Route::UploadComplete(..)
+        )
+        && let Err(e) = app.store.admit(MAX_JSON_BODY)
+    {
+        return e.into();
+    }
     match dispatch(app, req, route, &method) {
         Ok(r) | Err(r) => r,
     }
@@ -242,11 +255,15 @@ fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> Handler
     use Route::*;
     match (route, method) {
         (Healthz, _) => Ok(Response::no_content()),
-        (Readyz, _) => Ok(if app.ready.load(Ordering::SeqCst) {
-            Response::no_content()
-        } else {
-            Response::text(503, "Service Unavailable\n")
-        }),
+        // Ready means able to take writes too: not starting or stopping, the database open
+        // for writing (not recovering, not read-only) and room left beyond the disk reserve.
+        (Readyz, _) => Ok(
+            if app.ready.load(Ordering::SeqCst) && app.store.can_write() {
+                Response::no_content()
+            } else {
+                Response::text(503, "Service Unavailable\n")
+            },
+        ),
         (OpenApi, _) => Ok(Response::bytes(
             200,
             "application/yaml",

@@ -100,6 +100,9 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
         ));
     }
     app.store.check_accepts_parts(id).map_err(err)?;
+    // Refuse with 507 before reading a byte when the part would eat into the disk reserve;
+    // the claim holds its space against concurrent uploads until this part is stored.
+    let _claim = app.store.admit(length).map_err(err)?;
 
     // Stream the body one chunk at a time: memory per request is one chunk buffer, and each
     // chunk is committed before the next byte is read from the socket.

@@ -185,8 +185,16 @@ impl Store {
                 )),
             }
         }
+        if deleted > 0 {
+            self.settle_freed_pages();
+        }
         Ok(deleted)
     }
+}
+
+/// Classifies a read failure (so an I/O error asks for a reopen) and keeps its message.
+fn read_error(e: redb::StorageError) -> io::Error {
+    io::Error::other(Error::from(e).detail)
 }
 
 /// Streams a byte range of a blob, verifying each chunk against its stored checksum (or, for a
@@ -215,17 +223,28 @@ impl BlobReader {
             if c_start >= end {
                 break;
             }
-            let guard = self
-                .chunks
-                .get(&c.hash)
-                .map_err(|e| io::Error::other(format!("reading chunk: {e}")))?;
-            let Some(guard) = guard else {
-                return Err(self.fail("missing chunk"));
+            // A damaged page can make redb panic or report corruption; either way this
+            // response ends here, and the process and its other connections carry on.
+            let read = super::handle::guarded(|| -> io::Result<Option<_>> {
+                let Some(guard) = self.chunks.get(&c.hash).map_err(read_error)? else {
+                    return Ok(None);
+                };
+                let intact =
+                    guard.value().len() == c.len as usize && self.intact(&c.hash, guard.value())?;
+                Ok(Some((guard, intact)))
+            });
+            let (guard, intact) = match read {
+                Ok(Ok(Some(found))) => found,
+                Ok(Ok(None)) => return Err(self.fail("missing chunk")),
+                Ok(Err(e)) => return Err(self.fail(&format!("cannot read chunk ({e})"))),
+                Err(panic) => {
+                    return Err(self.fail(&format!("damaged database page ({panic})")));
+                }
             };
-            let data = guard.value();
-            if data.len() != c.len as usize || !self.intact(&c.hash, data)? {
+            if !intact {
                 return Err(self.fail("chunk failed checksum verification"));
             }
+            let data = guard.value();
             let a = start.saturating_sub(c_start) as usize;
             let b = (end.min(c_end) - c_start) as usize;
             out.write_all(&data[a..b])?;
@@ -238,9 +257,7 @@ impl BlobReader {
         let Some(sums) = &self.sums else {
             return Ok(true);
         };
-        let sum = sums
-            .get(hash)
-            .map_err(|e| io::Error::other(format!("reading chunk checksum: {e}")))?;
+        let sum = sums.get(hash).map_err(read_error)?;
         Ok(match sum {
             Some(sum) => chunks::checksum(data) == sum.value(),
             None => Sha256::digest(data).as_slice() == hash,

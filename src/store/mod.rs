@@ -12,16 +12,18 @@ pub mod auth;
 pub mod blobs;
 pub mod catalog;
 pub mod chunks;
+pub mod handle;
 pub mod jobs;
+pub mod space;
 pub mod stats;
 pub mod streams;
 pub mod tables;
 pub mod uploads;
 
+pub use handle::{Health, OpenError};
+
 use crate::error::{Error, Result};
-use redb::{
-    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, WriteTransaction,
-};
+use redb::{Durability, ReadTransaction, ReadableTable, WriteTransaction};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::path::Path;
@@ -29,7 +31,8 @@ use tables::*;
 
 /// The database handle shared by every request thread and worker.
 pub struct Store {
-    db: Database,
+    handle: handle::Handle,
+    space: space::Space,
 }
 
 /// The name of the database file inside the data directory.
@@ -37,24 +40,123 @@ pub const DB_FILE: &str = "imgsrv.redb";
 
 impl Store {
     /// Opens (or creates) the database, checks the schema version and releases the chunks of
-    /// part uploads that a crash interrupted.
-    pub fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => Error::internal(
-                    "database is already open by another process (is imgsrv already running?)",
-                ),
-                other => Error::internal(format!("cannot open database: {other}")),
-            })?;
-        let store = Store { db };
-        store.init_schema()?;
-        store.release_staging()?;
+    /// part uploads that a crash interrupted. `reserve` is the free space writes must leave on
+    /// the data directory's filesystem (see `space.rs`). On a full disk the store may come up
+    /// read-only; a damaged file is refused with [`OpenError::Damaged`].
+    pub fn open(
+        path: &Path,
+        cache_bytes: usize,
+        reserve: u64,
+    ) -> std::result::Result<Store, OpenError> {
+        let space = space::Space::new(path, reserve);
+        let handle = handle::Handle::open(path, cache_bytes, &|| space.release_headroom())?;
+        let store = Store { handle, space };
+        // Walk the small tables once under a guard: damage in the file's first pages then
+        // refuses the start with a clear message instead of panicking a request later.
+        match handle::guarded(|| store.init_schema().and_then(|_| store.walk_metadata())) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) if e.kind == crate::error::Kind::Internal => {
+                return Err(handle::damaged(path, &e.detail));
+            }
+            Ok(Err(e)) => {
+                return Err(OpenError::Other(format!(
+                    "cannot open database {}: {e}",
+                    path.display()
+                )));
+            }
+            Err(panic) => return Err(handle::damaged(path, &panic)),
+        }
+        if let Err(e) = store.release_staging() {
+            crate::log::warn(&format!("cannot release interrupted part uploads yet: {e}"));
+        }
+        store.space.ensure_headroom();
         Ok(store)
     }
 
+    /// What the store can do right now (read and write, read only, or recovering).
+    pub fn health(&self) -> Health {
+        self.handle.health()
+    }
+
+    /// Whether a write could be stored now: the handle is writable and at least one chunk
+    /// fits within the reserve (what `/readyz` reports).
+    pub fn can_write(&self) -> bool {
+        self.health() == Health::Writable && self.usable_bytes() >= chunks::CHUNK_SIZE as u64
+    }
+
+    /// Whether an I/O error asked for the database to be reopened.
+    pub fn needs_recovery(&self) -> bool {
+        handle::needs_reopen() || self.health() != Health::Writable
+    }
+
+    /// Reopens the database after an I/O error (or to leave read-only mode once space is
+    /// back), releasing the headroom file if the disk is too full to open it.
+    pub fn recover(&self) -> Health {
+        let health = self.handle.recover(&|| self.space.release_headroom());
+        if health == Health::Writable {
+            self.space.ensure_headroom();
+        }
+        health
+    }
+
+    /// Recreates the headroom file when space allows (called periodically).
+    pub fn maintain_headroom(&self) {
+        self.space.ensure_headroom();
+    }
+
+    /// Closes the database file (at shutdown).
+    pub fn close(&self) {
+        self.handle.close();
+    }
+
+    /// Reads every row of the metadata tables (everything but chunk bytes), so that damage
+    /// there is found at start-up. Costs one pass over small records.
+    fn walk_metadata(&self) -> Result<()> {
+        let txn = self.begin_read()?;
+        fn walk<K: redb::Key + 'static, V: redb::Value + 'static>(
+            txn: &ReadTransaction,
+            def: redb::TableDefinition<K, V>,
+        ) -> Result<()> {
+            for row in txn.open_table(def)?.iter()? {
+                row?;
+            }
+            Ok(())
+        }
+        walk(&txn, META)?;
+        walk(&txn, IMAGES)?;
+        walk(&txn, IMAGE_NAMES)?;
+        walk(&txn, VERSIONS)?;
+        walk(&txn, VERSION_KEYS)?;
+        walk(&txn, ARTIFACTS)?;
+        walk(&txn, VERSION_ARTIFACTS)?;
+        walk(&txn, ATTACHMENTS)?;
+        walk(&txn, ARTIFACT_ATTACHMENTS)?;
+        walk(&txn, ALIASES)?;
+        walk(&txn, JOBS)?;
+        walk(&txn, VERSION_JOBS)?;
+        walk(&txn, INCUS_ROWS)?;
+        walk(&txn, PRINCIPALS)?;
+        walk(&txn, TOKENS)?;
+        walk(&txn, UPLOADS)?;
+        walk(&txn, BLOBS)?;
+        walk(&txn, BLOB_REFS)?;
+        Ok(())
+    }
+
     fn init_schema(&self) -> Result<()> {
+        // A database that is already at this schema needs no write: that keeps a start on a
+        // full disk (or a read-only open) possible.
+        {
+            let txn = self.begin_read()?;
+            let current = match txn.open_table(META) {
+                Ok(meta) => meta.get("schema_version")?.map(|v| v.value()),
+                Err(redb::TableError::TableDoesNotExist(_)) => None,
+                Err(e) => return Err(e.into()),
+            };
+            if current == Some(SCHEMA_VERSION) {
+                return Ok(());
+            }
+        }
         let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -103,7 +205,7 @@ impl Store {
     /// A write transaction with quick repair on; durable when committed unless the caller
     /// lowers it with [`Store::begin_write_cheap`].
     pub(crate) fn begin_write(&self) -> Result<WriteTransaction> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.handle.begin_write()?;
         txn.set_quick_repair(true);
         Ok(txn)
     }
@@ -111,13 +213,24 @@ impl Store {
     /// A write transaction that becomes durable only with the next durable commit. Used for
     /// the chunks of a part upload, whose acknowledgement ends with a durable commit.
     pub(crate) fn begin_write_cheap(&self) -> Result<WriteTransaction> {
-        let mut txn = self.db.begin_write()?;
+        let mut txn = self.handle.begin_write()?;
         txn.set_durability(Durability::None)?;
         Ok(txn)
     }
 
     pub(crate) fn begin_read(&self) -> Result<ReadTransaction> {
-        Ok(self.db.begin_read()?)
+        self.handle.begin_read()
+    }
+
+    /// Makes pages freed by the last commit reusable now. redb hands pages a commit frees to
+    /// its allocator only at the next durable commit (readers may still see them until then),
+    /// and the chunk writes of a part upload are not durable commits: without this, space
+    /// freed by an abort or a collection would not be reused until some later catalog write,
+    /// and on a full disk the next upload would fail although the file has room.
+    pub(crate) fn settle_freed_pages(&self) {
+        if let Ok(txn) = self.begin_write() {
+            let _ = txn.commit();
+        }
     }
 
     /// The catalog generation: changes whenever published content or aliases change.

@@ -329,7 +329,7 @@ impl Store {
     }
 
     pub fn abort_upload(&self, id: Uuid) -> Result<UploadSession> {
-        begin_write_scope(self, |txn| {
+        let session = begin_write_scope(self, |txn| {
             let mut s = load_session(txn, id)?;
             match s.state {
                 UploadState::Aborted => Ok(s),
@@ -343,7 +343,9 @@ impl Store {
                     "upload session cannot be aborted from {other}"
                 ))),
             }
-        })
+        })?;
+        self.settle_freed_pages();
+        Ok(session)
     }
 
     /// Moves expired sessions that are still taking parts to `aborted` and releases their
@@ -379,12 +381,20 @@ impl Store {
                 Ok(())
             })?;
         }
+        if n > 0 {
+            self.settle_freed_pages();
+        }
         Ok(n)
     }
 
     /// Releases chunks staged by part uploads that a crash interrupted. Only called at open,
     /// when no request can be streaming.
     pub(crate) fn release_staging(&self) -> Result<()> {
+        // Nothing to release after a clean stop; skipping the write keeps a start on a full
+        // disk possible.
+        if self.begin_read()?.open_table(STAGING)?.first()?.is_none() {
+            return Ok(());
+        }
         begin_write_scope(self, |txn| {
             let list = take_staged(txn, (0, 0)..=(u128::MAX, u32::MAX))?;
             chunks::release(txn, &list)

@@ -4,6 +4,7 @@
 
 mod aliases;
 mod auth;
+mod cache;
 mod catalog;
 mod downloads;
 mod publish;
@@ -233,9 +234,11 @@ pub fn handle(app: &App, req: &mut Request) -> Response {
         }
         return Response::text(405, "Method Not Allowed\n").header("Allow", allow.join(", "));
     }
-    match dispatch(app, req, route, &method) {
+    let policy = cache::policy(&route);
+    let response = match dispatch(app, req, route, &method) {
         Ok(r) | Err(r) => r,
-    }
+    };
+    cache::apply(policy, req, method == "GET", response)
 }
 
 fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> HandlerResult {

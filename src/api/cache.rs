@@ -68,8 +68,8 @@ pub(super) fn apply(policy: Policy, req: &Request, read: bool, resp: Response) -
     let cache_control = match policy {
         Policy::Own => return resp,
         Policy::NoStore => return resp.header("Cache-Control", "no-store"),
-        // Writes answer a document nobody will request again under that method; `POST` and
-        // `PUT` responses are not reused by caches without explicit freshness anyway.
+        // A write's answer is not reused for later reads: caches store a `POST` response only
+        // with explicit freshness, which none is given, and drop what they hold for the URL.
         _ if !read => return resp,
         Policy::Shared => "no-cache",
         Policy::Private => "private, no-cache",

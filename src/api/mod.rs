@@ -4,6 +4,7 @@
 
 mod aliases;
 mod auth;
+mod cache;
 mod catalog;
 mod downloads;
 mod publish;
@@ -233,22 +234,27 @@ pub fn handle(app: &App, req: &mut Request) -> Response {
         }
         return Response::text(405, "Method Not Allowed\n").header("Allow", allow.join(", "));
     }
+    let policy = cache::policy(&route);
     // Every write that stores something leaves the disk reserve alone: while the disk is too
     // full, it is refused with 507 before its body is read. Part uploads are admitted by
     // their declared length in their handler, and completing them only records what their
     // admission already counted; aborts and deletes free space. Those always run.
-    if matches!(method.as_str(), "POST" | "PUT")
+    let admitted = if matches!(method.as_str(), "POST" | "PUT")
         && !matches!(
             route,
             Route::UploadPart(..) | Route::UploadAbort(..) | Route::UploadComplete(..)
-        )
-        && let Err(e) = app.store.admit(MAX_JSON_BODY)
-    {
-        return e.into();
-    }
-    match dispatch(app, req, route, &method) {
-        Ok(r) | Err(r) => r,
-    }
+        ) {
+        app.store.admit(MAX_JSON_BODY).map(drop)
+    } else {
+        Ok(())
+    };
+    let response = match admitted {
+        Err(e) => e.into(),
+        Ok(()) => match dispatch(app, req, route, &method) {
+            Ok(r) | Err(r) => r,
+        },
+    };
+    cache::apply(policy, req, method == "GET", response)
 }
 
 fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> HandlerResult {

@@ -13,6 +13,9 @@ pub mod blobs;
 pub mod catalog;
 pub mod chunks;
 pub mod jobs;
+mod migrate;
+pub mod retention;
+pub mod retire;
 pub mod stats;
 pub mod streams;
 pub mod tables;
@@ -36,7 +39,8 @@ pub struct Store {
 pub const DB_FILE: &str = "imgsrv.redb";
 
 impl Store {
-    /// Opens (or creates) the database, checks the schema version and releases the chunks of
+    /// Opens (or creates) the database, checks the schema version (upgrading an older file in
+    /// place, see `migrate.rs`) and releases the chunks of
     /// part uploads that a crash interrupted.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
         let db = Database::builder()
@@ -64,12 +68,7 @@ impl Store {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                     meta.insert("generation", 0)?;
                 }
-                Some(v) if v == SCHEMA_VERSION => {}
-                Some(v) => {
-                    return Err(Error::internal(format!(
-                        "database schema version {v} is not supported by this imgsrv (expects {SCHEMA_VERSION}); no upgrade path exists"
-                    )));
-                }
+                Some(v) => migrate::upgrade(&txn, &mut meta, v)?,
             }
             // Create every table so that read transactions never meet a missing one.
             txn.open_table(CHUNKS)?;
@@ -95,6 +94,8 @@ impl Store {
             txn.open_table(COMBINED)?;
             txn.open_table(PRINCIPALS)?;
             txn.open_table(TOKENS)?;
+            txn.open_table(RETENTION)?;
+            txn.open_table(RETIRED)?;
         }
         txn.commit()?;
         Ok(())

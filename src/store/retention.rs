@@ -123,7 +123,13 @@ fn verdict(
     if !c.aliases.is_empty() {
         return Verdict::Keep(format!("alias target ({})", c.aliases.join(", ")));
     }
-    let days = policy.keep_days.unwrap_or(0);
+    let days = |d: u32| {
+        if d == 1 {
+            "1 day".to_string()
+        } else {
+            format!("{d} days")
+        }
+    };
     // A rule that is not set cannot keep a version; `select` is only called with at least one.
     if let Some(n) = policy.keep_last
         && position < n as usize
@@ -133,12 +139,18 @@ fn verdict(
     if let Some(cutoff) = cutoff
         && c.published_at > cutoff
     {
-        return Verdict::Keep(format!("published less than {days} days ago"));
+        return Verdict::Keep(format!(
+            "published less than {} ago",
+            days(policy.keep_days.unwrap_or(0))
+        ));
     }
     let reason = match (policy.keep_last, policy.keep_days) {
-        (Some(n), Some(d)) => format!("not among the newest {n} and published over {d} days ago"),
+        (Some(n), Some(d)) => format!(
+            "not among the newest {n} and published over {} ago",
+            days(d)
+        ),
         (Some(n), None) => format!("not among the newest {n}"),
-        (None, Some(d)) => format!("published over {d} days ago"),
+        (None, Some(d)) => format!("published over {} ago", days(d)),
         (None, None) => return Verdict::Keep("no rule set".into()),
     };
     Verdict::Retire(format!("retention policy: {reason}"))

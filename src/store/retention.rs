@@ -356,6 +356,22 @@ impl Store {
         Ok(retired)
     }
 
+    /// Whether the policy of image `id` would retire anything at `now`.
+    fn retention_due(&self, id: u128, now: Timestamp) -> Result<bool> {
+        let txn = self.begin_read()?;
+        let Some(image) = load::<Image>(&txn.open_table(IMAGES)?, id, "image")? else {
+            return Ok(false);
+        };
+        let Some(policy) =
+            load::<RetentionPolicy>(&txn.open_table(RETENTION)?, id, "retention policy")?
+        else {
+            return Ok(false);
+        };
+        Ok(select(&policy, candidates(&txn, &image)?, now)
+            .iter()
+            .any(|(_, v)| matches!(v, Verdict::Retire(_))))
+    }
+
     /// Applies every image's policy at `now`, one image per transaction (the sweeper). Returns
     /// how many versions were retired; an image whose policy fails is logged and skipped.
     pub fn apply_all_retention(&self, now: Timestamp, grace: Duration) -> Result<usize> {
@@ -370,6 +386,12 @@ impl Store {
         };
         let mut count = 0;
         for id in images {
+            // Decide in a read transaction first: most sweeps retire nothing, and a write
+            // transaction would cost a durable commit per image per sweep for no change. A
+            // failure here falls through to the write, which reports it.
+            if let Ok(false) = self.retention_due(id, now) {
+                continue;
+            }
             let result = begin_write_scope(self, |txn| {
                 let image: Option<Image> = load(&txn.open_table(IMAGES)?, id, "image")?;
                 match image {

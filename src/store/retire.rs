@@ -90,6 +90,36 @@ pub(crate) fn retired_record(
         .transpose()
 }
 
+/// Whether `v` has been retired. A retired version keeps its `VERSIONS` row (still
+/// `published`) until it is purged, so readers that reach versions by id rather than by name
+/// must ask.
+pub(crate) fn is_retired(r: &impl RetiredRead, v: &ImageVersion) -> Result<bool> {
+    r.retired_id(v.image_id, &v.version)
+        .map(|id| id == Some(v.id))
+}
+
+/// The one table lookup `is_retired` needs, for read and write transactions alike.
+pub(crate) trait RetiredRead {
+    fn retired_id(&self, image: Uuid, version: &str) -> Result<Option<Uuid>>;
+}
+
+macro_rules! retired_id_impl {
+    ($t:ty) => {
+        impl RetiredRead for $t {
+            fn retired_id(&self, image: Uuid, version: &str) -> Result<Option<Uuid>> {
+                let t = self.open_table(RETIRED)?;
+                let Some(v) = t.get((image.as_u128(), version))? else {
+                    return Ok(None);
+                };
+                let r: RetiredVersion = decode(v.value(), "retired version")?;
+                Ok(Some(r.version_id))
+            }
+        }
+    };
+}
+retired_id_impl!(redb::ReadTransaction);
+retired_id_impl!(WriteTransaction);
+
 /// Refuses to create a version whose name was retired: published content under a name never
 /// changes, and a client holding an old index would otherwise get different bytes.
 pub(crate) fn check_name_not_retired(
@@ -402,4 +432,68 @@ fn purge_in(txn: &WriteTransaction, image: u128, version: &str, now: Timestamp) 
     txn.open_table(RETIRED)?
         .insert((image, version), encode(&r)?.as_slice())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::blobs::BlobRecord;
+    use crate::store::catalog::NewArtifact;
+
+    /// A version caught between publish and `finalize_publish` (as after a failed publish step)
+    /// is refused, as is a draft; neither is changed.
+    #[test]
+    fn only_published_versions_can_be_retired() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.redb"), 1 << 20).unwrap();
+        // An empty trusted blob, written directly: publish only checks that it exists.
+        let key: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"").into();
+        let digest = validate::digest_string(&key);
+        begin_write_scope(&store, |txn| {
+            let record = BlobRecord {
+                size: 0,
+                verified_at: Timestamp::now(),
+                media_type: None,
+                chunks: Vec::new(),
+            };
+            txn.open_table(BLOBS)?
+                .insert(&key, record.encode().as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        store.create_image("img", None, None).unwrap();
+        for v in ["1", "2"] {
+            store.create_version("img", v).unwrap();
+            store
+                .add_artifact(
+                    "img",
+                    v,
+                    NewArtifact {
+                        variant: String::new(),
+                        operating_system: "debian".into(),
+                        architecture: "x86_64".into(),
+                        format: "raw".into(),
+                        primary_blob_digest: digest.clone(),
+                        primary_blob_size_bytes: 0,
+                        primary_media_type: "application/octet-stream".into(),
+                    },
+                )
+                .unwrap();
+        }
+        store.publish("img", "1").unwrap();
+        let by = || Retirer::Policy;
+        let grace = Duration::from_secs(60);
+        let e = store.retire_version("img", "1", by(), grace).unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Conflict);
+        assert!(e.detail.contains("still publishing"), "{e}");
+        let e = store.retire_version("img", "2", by(), grace).unwrap_err();
+        assert_eq!(e.kind, crate::error::Kind::Conflict);
+        assert!(e.detail.contains("is a draft"), "{e}");
+        for (v, state) in [("1", VersionState::Publishing), ("2", VersionState::Draft)] {
+            assert_eq!(
+                store.manifest("img", v, false).unwrap().version.state,
+                state
+            );
+        }
+    }
 }

@@ -38,7 +38,7 @@ fn schema1_database_is_upgraded_in_place() {
     let mut s = server_on_fixture();
     assert!(
         s.log_text()
-            .contains("database schema upgraded from 1 to 2"),
+            .contains("upgrading database schema from 1 to 2"),
         "{}",
         s.log_text()
     );
@@ -136,7 +136,7 @@ fn schema1_database_is_upgraded_in_place() {
     s.restart();
     assert_eq!(
         s.log_text()
-            .matches("database schema upgraded from 1 to 2")
+            .matches("upgrading database schema from 1 to 2")
             .count(),
         1
     );

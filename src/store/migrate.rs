@@ -36,7 +36,12 @@ pub(crate) fn upgrade(
         }
         at += 1;
         meta.insert("schema_version", at)?;
-        crate::log::info(&format!("database schema upgraded from {} to {at}", at - 1));
+        // Logged before the commit that makes it real: should the commit fail, the open fails
+        // and its error follows this line.
+        crate::log::info(&format!(
+            "upgrading database schema from {} to {at}",
+            at - 1
+        ));
     }
     Ok(())
 }

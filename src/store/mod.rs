@@ -40,8 +40,8 @@ pub const DB_FILE: &str = "imgsrv.redb";
 
 impl Store {
     /// Opens (or creates) the database, checks the schema version (upgrading an older file in
-    /// place, see `migrate.rs`) and releases the chunks of
-    /// part uploads that a crash interrupted.
+    /// place, see `migrate.rs`) and releases the chunks of part uploads that a crash
+    /// interrupted.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<Store> {
         let db = Database::builder()
             .set_cache_size(cache_bytes)

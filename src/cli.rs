@@ -44,6 +44,9 @@ pub struct ServeArgs {
     /// how often expired uploads and unreferenced blobs are swept (IMGSRV_SWEEP_INTERVAL; default 1m)
     #[argh(option)]
     pub sweep_interval: Option<String>,
+    /// how long a retired version's files stay downloadable by their direct URLs (IMGSRV_RETIRE_GRACE; default 2h)
+    #[argh(option)]
+    pub retire_grace: Option<String>,
     /// log format: text or json (IMGSRV_LOG_FORMAT; default text)
     #[argh(option)]
     pub log_format: Option<String>,

@@ -16,6 +16,8 @@ pub struct Config {
     pub metrics_listen: Option<String>,
     pub upload_ttl: Duration,
     pub sweep_interval: Duration,
+    /// How long a retired version's files stay downloadable by their direct URLs.
+    pub retire_grace: Duration,
     pub log_format: Format,
     pub verbosity: u8,
     pub http_threads: usize,
@@ -133,6 +135,7 @@ impl Config {
                 "1m",
                 "sweep interval",
             )?,
+            retire_grace: duration(a.retire_grace, "IMGSRV_RETIRE_GRACE", "2h", "retire grace")?,
             log_format,
             disk_reserve,
             verbosity: number(a.verbosity, "IMGSRV_VERBOSITY", 2)?,

@@ -80,17 +80,29 @@ pub fn serve(config: Config) -> Result<(), Failure> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::bounded(4096);
-    let publishers = jobs::start_workers(store.clone(), rx, config.publish_workers, stop.clone());
+    let publishers = jobs::start_workers(
+        store.clone(),
+        rx,
+        config.publish_workers,
+        config.retire_grace,
+        stop.clone(),
+    );
     for id in store.unfinished_jobs().map_err(|e| e.to_string())? {
         log::info(&format!("resuming publish job {id}"));
         let _ = tx.try_send(id);
     }
-    let sweeper = jobs::start_sweeper(store.clone(), config.sweep_interval, stop.clone());
+    let sweeper = jobs::start_sweeper(
+        store.clone(),
+        config.sweep_interval,
+        config.retire_grace,
+        stop.clone(),
+    );
     let doctor = jobs::start_doctor(store.clone(), stop.clone());
 
     let app = Arc::new(App {
         store: store.clone(),
         upload_ttl: config.upload_ttl,
+        retire_grace: config.retire_grace,
         jobs: tx,
         ready: AtomicBool::new(false),
         streams_cache: std::sync::Mutex::new(None),

@@ -1,5 +1,6 @@
 //! Background work: the publish-job worker pool (fed by a bounded crossbeam channel) and the
-//! sweeper that aborts expired upload sessions and collects unreferenced blobs.
+//! sweeper that applies retention policies, purges retired versions whose grace has passed,
+//! aborts expired upload sessions and collects unreferenced blobs.
 
 use crate::clock::Timestamp;
 use crate::log;
@@ -13,11 +14,13 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 use uuid::Uuid;
 
-/// Starts `n` publish workers that run each job received on `rx` to its end.
+/// Starts `n` publish workers that run each job received on `rx` to its end. A job that
+/// succeeds is followed by its image's retention policy, whose retirements get `retire_grace`.
 pub fn start_workers(
     store: Arc<Store>,
     rx: Receiver<Uuid>,
     n: usize,
+    retire_grace: Duration,
     stop: Arc<AtomicBool>,
 ) -> Vec<JoinHandle<()>> {
     let mut handles = Vec::new();
@@ -32,7 +35,9 @@ pub fn start_workers(
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
-                    run_job(&store, id, &stop);
+                    if run_job(&store, id, &stop) {
+                        apply_retention(&store, id, retire_grace);
+                    }
                 }
             })
             .expect("spawning a publish worker");
@@ -42,18 +47,20 @@ pub fn start_workers(
 }
 
 /// Runs a job's steps in sequence until it succeeds, fails or the server stops. Each step
-/// boundary is a safe stopping point: an unfinished job resumes at the next start.
-pub fn run_job(store: &Store, id: Uuid, stop: &AtomicBool) {
+/// boundary is a safe stopping point: an unfinished job resumes at the next start. Returns
+/// whether this run published the version (its `finalize_publish` step succeeded).
+pub fn run_job(store: &Store, id: Uuid, stop: &AtomicBool) -> bool {
+    let mut published = false;
     loop {
         if stop.load(Ordering::SeqCst) {
-            return;
+            return published;
         }
         let step = match store.claim_next_step(id) {
             Ok(NextStep::Run(step)) => step,
-            Ok(NextStep::Done) => return,
+            Ok(NextStep::Done) => return published,
             Err(e) => {
                 log::error(&format!("publish job {id}: claiming a step failed: {e}"));
-                return;
+                return published;
             }
         };
         let started = std::time::Instant::now();
@@ -75,7 +82,10 @@ pub fn run_job(store: &Store, id: Uuid, stop: &AtomicBool) {
             ),
         ];
         match outcome {
-            Ok(()) => log::event("info", 1, "publish step succeeded", &fields),
+            Ok(()) => {
+                published |= step == StepName::FinalizePublish;
+                log::event("info", 1, "publish step succeeded", &fields);
+            }
             Err(e) if stop.load(Ordering::SeqCst) => {
                 log::event(
                     "info",
@@ -83,23 +93,37 @@ pub fn run_job(store: &Store, id: Uuid, stop: &AtomicBool) {
                     &format!("publish step interrupted by shutdown: {e}"),
                     &fields,
                 );
-                return;
+                return published;
             }
             Err(e) => {
                 log::event("warn", 0, &format!("publish step failed: {e}"), &fields);
                 if let Err(e2) = store.step_failed(id, step, &e.detail) {
                     log::error(&format!("publish job {id}: recording failure failed: {e2}"));
                 }
-                return;
+                return published;
             }
         }
     }
 }
 
-/// Every `interval`, aborts expired upload sessions and deletes unreferenced blobs.
+/// Applies the retention policy of a job's image right after the job published its version.
+/// A failure is logged, never charged to the job: the version is published either way, and
+/// the next sweep applies the policy again.
+fn apply_retention(store: &Store, job: Uuid, grace: Duration) {
+    if let Err(e) = store.apply_retention_after_publish(job, grace) {
+        log::error(&format!(
+            "publish job {job}: applying the retention policy failed: {e}"
+        ));
+    }
+}
+
+/// Every `interval`: applies retention policies, purges retired versions whose grace has
+/// passed, aborts expired upload sessions and deletes unreferenced blobs, in that order, so
+/// bytes a purge releases are collected in the same sweep.
 pub fn start_sweeper(
     store: Arc<Store>,
     interval: Duration,
+    retire_grace: Duration,
     stop: Arc<AtomicBool>,
 ) -> JoinHandle<()> {
     std::thread::Builder::new()
@@ -115,6 +139,17 @@ pub fn start_sweeper(
                     break;
                 }
                 let now = Timestamp::now();
+                // Retirements are logged one by one as they happen.
+                if let Err(e) = store.apply_all_retention(now, retire_grace) {
+                    log::error(&format!("applying retention policies failed: {e}"));
+                }
+                match store.purge_retired(now) {
+                    Ok(0) => {}
+                    Ok(n) => log::info(&format!(
+                        "sweeper purged {n} retired versions whose grace period had passed"
+                    )),
+                    Err(e) => log::error(&format!("purging retired versions failed: {e}")),
+                }
                 match store.sweep_expired_uploads(now) {
                     Ok(0) => {}
                     Ok(n) => log::info(&format!("sweeper aborted {n} expired upload sessions")),

@@ -65,6 +65,26 @@ pub fn record_request(
     *r.bytes_received.entry(route).or_default() += received;
 }
 
+/// Versions retired since start, by cause: `request` (a `DELETE`) or `policy` (retention).
+/// Both series are always present so that rate queries start from zero.
+fn render_retirements(w: &mut String) {
+    use crate::store::retire::{RETIRED_BY_POLICY, RETIRED_BY_REQUEST};
+    let _ = writeln!(
+        w,
+        "# HELP imgsrv_versions_retired_total Published versions retired, by cause (request or policy).\n# TYPE imgsrv_versions_retired_total counter"
+    );
+    for (reason, n) in [
+        ("policy", &RETIRED_BY_POLICY),
+        ("request", &RETIRED_BY_REQUEST),
+    ] {
+        let _ = writeln!(
+            w,
+            "imgsrv_versions_retired_total{{reason=\"{reason}\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+}
+
 /// Renders every metric in the Prometheus text format.
 pub fn render(store: &Store, door: &DoorStats) -> String {
     let mut out = String::new();
@@ -228,6 +248,7 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
         "Size of the database file.",
         store.file_bytes(),
     );
+    render_retirements(w);
     match store.stats() {
         Ok(s) => {
             let _ = writeln!(

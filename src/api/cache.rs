@@ -51,7 +51,7 @@ pub(super) fn policy(route: &Route) -> Policy {
         | ArtifactDownload(..)
         | AttachmentDownload(..) => Policy::Own,
         OpenApi | Images | Image(..) | Versions(..) | Version(..) | Artifacts(..)
-        | Artifact(..) | Aliases(..) | Alias(..) | Ref(..) => Policy::Shared,
+        | Artifact(..) | Aliases(..) | Alias(..) | Ref(..) | Retention(..) => Policy::Shared,
         Roles | Principals | Principal(..) | PrincipalRole(..) | PrincipalTokens(..)
         | Token(..) => Policy::NoStore,
         _ => Policy::Private,

@@ -119,10 +119,12 @@ pub fn artifact(
     filename: Option<&str>,
 ) -> HandlerResult {
     let id = uuid_param(artifact, "artifact id")?;
-    let (_, a) = app
+    // A retired version's files stay downloadable here for the grace period.
+    let found = app
         .store
-        .published_artifact(name, version, id)
+        .artifact_for_download(name, version, id, Timestamp::now())
         .map_err(err)?;
+    let a = super::retention::served(name, found)?;
     let canonical = format!("disk.{}", a.format);
     check_filename(filename, &canonical)?;
     let (key, record) = load_blob(app, &a.primary_blob_digest)?;
@@ -146,10 +148,11 @@ pub fn attachment(
 ) -> HandlerResult {
     let artifact = uuid_param(artifact, "artifact id")?;
     let attachment = uuid_param(attachment, "attachment id")?;
-    let att = app
+    let found = app
         .store
-        .published_attachment(name, version, artifact, attachment)
+        .attachment_for_download(name, version, artifact, attachment, Timestamp::now())
         .map_err(err)?;
+    let att = super::retention::served(name, found)?;
     check_filename(filename, &att.name)?;
     let (key, record) = load_blob(app, &att.blob_digest)?;
     let rep = Representation {

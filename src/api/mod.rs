@@ -8,6 +8,7 @@ mod cache;
 mod catalog;
 mod downloads;
 mod publish;
+mod retention;
 mod streams;
 mod uploads;
 
@@ -28,6 +29,8 @@ use uuid::Uuid;
 pub struct App {
     pub store: Arc<Store>,
     pub upload_ttl: Duration,
+    /// How long a retired version's files stay downloadable by their direct URLs.
+    pub retire_grace: Duration,
     /// Publish jobs to run; the worker pool receives them.
     pub jobs: Sender<Uuid>,
     pub ready: AtomicBool,
@@ -77,6 +80,8 @@ enum Route {
     Aliases(String),
     Alias(String, String),
     Ref(String, String),
+    Retention(String),
+    RetentionPreview(String),
     Roles,
     Principals,
     Principal(String),
@@ -182,6 +187,8 @@ fn parse_route(path: &str) -> Option<Route> {
         ["v1", "images", n, "aliases"] => Aliases(o(n)),
         ["v1", "images", n, "aliases", a] => Alias(o(n), o(a)),
         ["v1", "images", n, "refs", r] => Ref(o(n), o(r)),
+        ["v1", "images", n, "retention"] => Retention(o(n)),
+        ["v1", "images", n, "retention", "preview"] => RetentionPreview(o(n)),
         ["v1", "auth", "roles"] => Roles,
         ["v1", "auth", "principals"] => Principals,
         ["v1", "auth", "principals", id] => Principal(o(id)),
@@ -201,14 +208,15 @@ fn methods(route: &Route) -> &'static [&'static str] {
             _ => &["GET", "POST"],
         },
         UploadPart(..) => &["PUT"],
-        UploadComplete(..) | UploadAbort(..) | Publish(..) | JobRetry(..) => &["POST"],
+        UploadComplete(..) | UploadAbort(..) | Publish(..) | JobRetry(..)
+        | RetentionPreview(..) => &["POST"],
         Versions(..) | Artifacts(..) | Attachments(..) => match route {
             Attachments(..) => &["POST"],
             _ => &["GET", "POST"],
         },
-        Artifact(..) => &["GET", "DELETE"],
+        Artifact(..) | Version(..) => &["GET", "DELETE"],
         Attachment(..) | Token(..) => &["DELETE"],
-        Alias(..) => &["GET", "PUT", "DELETE"],
+        Alias(..) | Retention(..) => &["GET", "PUT", "DELETE"],
         Principals | PrincipalTokens(..) => &["GET", "POST"],
         PrincipalRole(..) => &["PUT", "DELETE"],
         _ => &["GET"],
@@ -288,6 +296,7 @@ fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> Handler
         (Image(n), _) => catalog::get_image(app, &n),
         (Versions(n), "GET") => catalog::list_versions(app, &n),
         (Versions(n), _) => catalog::create_version(app, req, &n),
+        (Version(n, v), "DELETE") => retention::retire(app, req, &n, &v),
         (Version(n, v), _) => catalog::manifest(app, &n, &v),
         (Artifacts(n, v), "GET") => catalog::list_artifacts(app, &n, &v),
         (Artifacts(n, v), _) => catalog::add_artifact(app, req, &n, &v),
@@ -309,6 +318,10 @@ fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> Handler
         (Alias(n, a), "PUT") => aliases::put(app, req, &n, &a),
         (Alias(n, a), _) => aliases::delete(app, req, &n, &a),
         (Ref(n, r), _) => catalog::resolve_ref(app, &n, &r),
+        (Retention(n), "GET") => retention::get(app, &n),
+        (Retention(n), "PUT") => retention::put(app, req, &n),
+        (Retention(n), _) => retention::delete(app, req, &n),
+        (RetentionPreview(n), _) => retention::preview(app, req, &n),
         (Roles, _) => auth::roles(app, req),
         (Principals, "GET") => auth::list_principals(app, req),
         (Principals, _) => auth::create_principal(app, req),
@@ -444,6 +457,8 @@ pub fn route_template(path: &str) -> &'static str {
         Aliases(..) => "/v1/images/{name}/aliases",
         Alias(..) => "/v1/images/{name}/aliases/{alias}",
         Ref(..) => "/v1/images/{name}/refs/{ref}",
+        Retention(..) => "/v1/images/{name}/retention",
+        RetentionPreview(..) => "/v1/images/{name}/retention/preview",
         Roles => "/v1/auth/roles",
         Principals => "/v1/auth/principals",
         Principal(..) => "/v1/auth/principals/{principal_id}",

@@ -351,6 +351,7 @@ impl Store {
                     "catalog conflict: image_versions_image_id_version_key",
                 ));
             }
+            super::retire::check_name_not_retired(txn, &image, version)?;
             let now = Timestamp::now();
             let v = ImageVersion {
                 id: Uuid::new_v4(),

@@ -14,6 +14,9 @@ pub mod catalog;
 pub mod chunks;
 pub mod handle;
 pub mod jobs;
+mod migrate;
+pub mod retention;
+pub mod retire;
 pub mod space;
 pub mod stats;
 pub mod streams;
@@ -53,7 +56,24 @@ impl Store {
         let store = Store { handle, space };
         // Walk the small tables once under a guard: damage in the file's first pages then
         // refuses the start with a clear message instead of panicking a request later.
-        match handle::guarded(|| store.init_schema().and_then(|_| store.walk_metadata())) {
+        let damage_before = handle::DAMAGE_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
+        match handle::guarded(|| store.init_schema()) {
+            Ok(Ok(())) => {}
+            Ok(Err(e))
+                if handle::DAMAGE_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+                    > damage_before =>
+            {
+                return Err(handle::damaged(path, &e.detail));
+            }
+            Ok(Err(e)) => {
+                return Err(OpenError::Other(format!(
+                    "cannot open database {}: {e}",
+                    path.display()
+                )));
+            }
+            Err(panic) => return Err(handle::damaged(path, &panic)),
+        }
+        match handle::guarded(|| store.walk_metadata()) {
             Ok(Ok(())) => {}
             Ok(Err(e)) if e.kind == crate::error::Kind::Internal => {
                 return Err(handle::damaged(path, &e.detail));
@@ -140,6 +160,8 @@ impl Store {
         walk(&txn, UPLOADS)?;
         walk(&txn, BLOBS)?;
         walk(&txn, BLOB_REFS)?;
+        walk(&txn, RETENTION)?;
+        walk(&txn, RETIRED)?;
         Ok(())
     }
 
@@ -166,12 +188,7 @@ impl Store {
                     meta.insert("schema_version", SCHEMA_VERSION)?;
                     meta.insert("generation", 0)?;
                 }
-                Some(v) if v == SCHEMA_VERSION => {}
-                Some(v) => {
-                    return Err(Error::internal(format!(
-                        "database schema version {v} is not supported by this imgsrv (expects {SCHEMA_VERSION}); no upgrade path exists"
-                    )));
-                }
+                Some(v) => migrate::upgrade(&txn, &mut meta, v)?,
             }
             // Create every table so that read transactions never meet a missing one.
             txn.open_table(CHUNKS)?;
@@ -197,6 +214,8 @@ impl Store {
             txn.open_table(COMBINED)?;
             txn.open_table(PRINCIPALS)?;
             txn.open_table(TOKENS)?;
+            txn.open_table(RETENTION)?;
+            txn.open_table(RETIRED)?;
         }
         txn.commit()?;
         Ok(())

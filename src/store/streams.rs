@@ -190,7 +190,9 @@ fn load_version(
     let v = txn.version_by_id(version_id)?.ok_or_else(|| {
         Error::internal(format!("incus row names a missing version {version_id}"))
     })?;
-    if v.state != VersionState::Published {
+    // A retired version's rows are deleted when it is retired; the check keeps any other
+    // per-version rows a later projection adds from reaching consumers after retirement.
+    if v.state != VersionState::Published || super::retire::is_retired(txn, &v)? {
         return Ok(None);
     }
     if let Entry::Vacant(e) = found.entry(v.image_id) {

@@ -9,8 +9,11 @@
 
 use redb::TableDefinition;
 
-/// Bumped whenever a table layout changes. Checked at open; a mismatch refuses to start.
-pub const SCHEMA_VERSION: u64 = 1;
+/// Bumped whenever a table layout changes. Checked at open: an older file is upgraded in place
+/// by `migrate.rs`, a newer one refuses to start.
+///
+/// History: 1, the first release; 2 adds `RETENTION` and `RETIRED` (version retirement).
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// `"schema_version"` -> u64, `"generation"` -> u64 (bumped by every change that affects
 /// what consumers see in the catalog or Simple Streams).
@@ -83,3 +86,13 @@ pub const COMBINED: TableDefinition<(&[u8; 32], &[u8; 32]), &[u8; 32]> =
 pub const PRINCIPALS: TableDefinition<u128, &[u8]> = TableDefinition::new("principals");
 /// token id -> StoredToken JSON (the secret's sha256 only, never the secret).
 pub const TOKENS: TableDefinition<u128, &[u8]> = TableDefinition::new("api_tokens");
+
+/// image id -> RetentionPolicy JSON (`keep_last`, `keep_days`). Absent: keep every version.
+/// Added in schema 2.
+pub const RETENTION: TableDefinition<u128, &[u8]> = TableDefinition::new("retention_policies");
+/// (image id, version string) -> RetiredVersion JSON: who retired it, why, when, and until when
+/// its files stay downloadable. Retiring a version moves its name from `VERSION_KEYS` to this
+/// table (so the name stays reserved) and drops its `INCUS_ROWS`; the version's artifact and
+/// attachment rows, and so its blob references, stay until the grace has passed and the
+/// sweeper purges them. Added in schema 2.
+pub const RETIRED: TableDefinition<(u128, &str), &[u8]> = TableDefinition::new("retired_versions");

@@ -188,8 +188,10 @@ pub fn start_doctor(store: Arc<Store>, stop: Arc<AtomicBool>) -> JoinHandle<()> 
                     let free = store.filesystem_free();
                     if !read_only {
                         log::error(&format!(
-                            "storage error: reopening the database ({} bytes free on the data \
-                             filesystem, {} reserved)",
+                            "storage error ({}): reopening the database in {}; {} bytes free \
+                             on its filesystem, {} reserved",
+                            crate::store::handle::last_fault(),
+                            store.data_dir().display(),
                             free,
                             store.reserve_bytes()
                         ));

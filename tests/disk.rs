@@ -178,7 +178,11 @@ fn full_disk_refuses_early_keeps_serving_and_recovers_without_restart() {
     const MIB: usize = 1 << 20;
     let data_dir = tempfile::tempdir_in(fs.path()).unwrap();
     let filler = fs.path().join("filler");
-    let mut s = Server::start_in(data_dir, &["--disk-reserve", "8MiB"]);
+    let mut s = Server::start_in(
+        data_dir,
+        &["--disk-reserve", "8MiB", "--metrics-listen", "127.0.0.1:0"],
+    );
+    let metrics = crate::metrics::metrics_addr(&s);
     let token = s.writer_token();
     assert!(
         s.data_dir().join("imgsrv.headroom").exists(),
@@ -249,7 +253,30 @@ fn full_disk_refuses_early_keeps_serving_and_recovers_without_restart() {
         log.contains("ERROR") || log.contains("error"),
         "the cause is logged at error level:\n{log}"
     );
-    assert!(log.contains("bytes free on the data"), "{log}");
+    assert!(
+        log.contains("storage error (No space left on device")
+            && log.contains("reopening the database in")
+            && log.contains("bytes free on its filesystem"),
+        "{log}"
+    );
+    // Metrics say what happened: the failure, the reopening, no space left.
+    let m = raw_request(&metrics, "GET", "/metrics", &[], None).text();
+    let sample = |series: &str| crate::metrics::sample(&m, series);
+    assert!(
+        sample("imgsrv_storage_errors_total{kind=\"no_space\"}") >= 1.0,
+        "{m}"
+    );
+    assert!(sample("imgsrv_storage_recoveries_total") >= 1.0, "{m}");
+    assert!(
+        sample("imgsrv_data_filesystem_free_bytes") < (1 << 20) as f64,
+        "{m}"
+    );
+    assert_eq!(sample("imgsrv_data_reserve_bytes"), (8 << 20) as f64);
+    assert_eq!(
+        sample("imgsrv_storage_state"),
+        0.0,
+        "reopened read-write: {m}"
+    );
     // Small writes are refused too while the reserve is gone.
     assert_507(&s.call("POST", "/v1/images", &token, &json!({"name": "later"})));
 

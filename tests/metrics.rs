@@ -3,7 +3,7 @@
 use crate::util::*;
 use std::time::{Duration, Instant};
 
-fn metrics_addr(s: &Server) -> String {
+pub fn metrics_addr(s: &Server) -> String {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         if let Some(line) = s
@@ -25,7 +25,7 @@ fn metrics_addr(s: &Server) -> String {
 }
 
 /// Reads one sample value (exact series text before the value).
-fn sample(text: &str, series: &str) -> f64 {
+pub fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
         .unwrap_or_else(|| panic!("series {series} missing in:\n{text}"))

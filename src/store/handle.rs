@@ -65,8 +65,24 @@ pub static RECOVERIES: AtomicU64 = AtomicU64::new(0);
 /// one database per process, so a process-wide flag is exact.
 static NEEDS_REOPEN: AtomicBool = AtomicBool::new(false);
 
+/// The I/O error that last asked for a reopen, for the log line that reports it.
+static LAST_FAULT: Mutex<String> = Mutex::new(String::new());
+
 pub(crate) fn needs_reopen() -> bool {
     NEEDS_REOPEN.load(Ordering::SeqCst)
+}
+
+/// Notes an I/O error: the handle must be reopened.
+fn fault(cause: &str) {
+    if let Ok(mut last) = LAST_FAULT.lock() {
+        cause.clone_into(&mut last);
+    }
+    NEEDS_REOPEN.store(true, Ordering::SeqCst);
+}
+
+/// The I/O error that last asked for a reopen.
+pub fn last_fault() -> String {
+    LAST_FAULT.lock().map(|s| s.clone()).unwrap_or_default()
 }
 
 pub(crate) struct Handle {
@@ -336,7 +352,7 @@ impl From<redb::Error> for Error {
         match e {
             redb::Error::Io(io) if io_is_no_space(&io) => {
                 NO_SPACE_ERRORS.fetch_add(1, Ordering::Relaxed);
-                NEEDS_REOPEN.store(true, Ordering::SeqCst);
+                fault(&io.to_string());
                 Error::insufficient_storage(
                     "insufficient storage: the data directory's filesystem is full; \
                      the write was not stored",
@@ -344,7 +360,7 @@ impl From<redb::Error> for Error {
             }
             redb::Error::Io(io) => {
                 IO_ERRORS.fetch_add(1, Ordering::Relaxed);
-                NEEDS_REOPEN.store(true, Ordering::SeqCst);
+                fault(&io.to_string());
                 Error::internal(format!("storage failure: I/O error: {io}"))
             }
             redb::Error::PreviousIo => {

@@ -195,6 +195,11 @@ impl Store {
         self.space.file_bytes()
     }
 
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        self.space.dir()
+    }
+
     /// The configured reserve in bytes.
     pub fn reserve_bytes(&self) -> u64 {
         self.space.reserve()

@@ -200,8 +200,9 @@ expected="./etc/default/imgsrv
 ./lib/systemd/system/imgsrv.socket
 ./usr/bin/imgsrv
 ./usr/share/doc/imgsrv/README.md
+./usr/share/doc/imgsrv/copyright
 ./usr/share/doc/imgsrv/examples/tls.conf"
-files=$(echo "$listing" | awk '$1 !~ /^d/ { print $6 }' | sort)
+files=$(echo "$listing" | awk '$1 !~ /^d/ { print $6 }' | LC_ALL=C sort)
 [ "$files" = "$expected" ] || fail "unexpected package contents:"$'\n'"$files"
 grep -qE '^-rwxr-xr-x root/root .* \./usr/bin/imgsrv$' <<<"$listing" || fail "/usr/bin/imgsrv is not root-owned 0755"
 [ "$(dpkg-deb -f "$deb" Package)" = imgsrv ] || fail "Package field"

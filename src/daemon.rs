@@ -57,6 +57,18 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         (Some(c), Some(k)) => Some(crate::frontdoor::tls::load(c, k)?),
         _ => None,
     };
+    // Bind the sockets before opening the database: an address in use is reported at once,
+    // without touching the data.
+    let listener = listener(passed, &config.listen)?;
+    let metrics_listener = match &config.metrics_listen {
+        Some(m) => Some(TcpListener::bind(m).map_err(|e| {
+            format!(
+                "cannot listen for metrics on {m}: {e} (choose another address with \
+                 --metrics-listen, or turn metrics off with --metrics-listen '')"
+            )
+        })?),
+        None => None,
+    };
     let db_path = config.data_dir.join(DB_FILE);
     let store = match Store::open(&db_path, config.cache_bytes, config.disk_reserve) {
         Ok(s) => Arc::new(s),
@@ -110,7 +122,6 @@ pub fn serve(config: Config) -> Result<(), Failure> {
     let socket = backend_socket_path(&config);
     let backend = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;
 
-    let listener = listener(passed, &config.listen)?;
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
@@ -126,13 +137,11 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         stats: Arc::new(Stats::default()),
         stop: stop.clone(),
     });
-    if let Some(m) = &config.metrics_listen {
-        let l =
-            TcpListener::bind(m).map_err(|e| format!("cannot listen for metrics on {m}: {e}"))?;
+    if let Some(l) = metrics_listener {
         let shown = l
             .local_addr()
             .map(|a| a.to_string())
-            .unwrap_or_else(|_| m.clone());
+            .unwrap_or_else(|_| "?".into());
         crate::metrics::serve(l, Arc::downgrade(&store), door.stats.clone());
         log::info(&format!("metrics on http://{shown}/metrics"));
     }

@@ -13,7 +13,10 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if cli.version {
         println!("imgsrv {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
@@ -35,5 +38,32 @@ fn main() -> ExitCode {
             imgsrv::log::error(&e.message);
             ExitCode::from(e.exit_code)
         }
+    }
+}
+
+/// Parses the command line. `-h` is taken for `--help`; help exits 0, a usage error exits 2
+/// (argh's own `from_env` exits 1 for both kinds of mistakes alike).
+fn parse_args() -> Result<Cli, ExitCode> {
+    let args: Vec<String> = std::env::args().collect();
+    let args: Vec<&str> = args
+        .iter()
+        .map(|a| if a == "-h" { "--help" } else { a.as_str() })
+        .collect();
+    let cmd = std::path::Path::new(args.first().copied().unwrap_or("imgsrv"))
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("imgsrv");
+    match <Cli as argh::FromArgs>::from_args(&[cmd], args.get(1..).unwrap_or(&[])) {
+        Ok(cli) => Ok(cli),
+        Err(early) => match early.status {
+            Ok(()) => {
+                println!("{}", early.output);
+                Err(ExitCode::SUCCESS)
+            }
+            Err(()) => {
+                eprintln!("{}", early.output);
+                Err(ExitCode::from(2))
+            }
+        },
     }
 }

@@ -11,6 +11,7 @@ mod api_json;
 mod api_publish;
 mod api_routing;
 mod api_uploads;
+mod contract;
 mod crash;
 mod frontdoor;
 mod incus;

@@ -1,6 +1,7 @@
 //! The front door against hostile clients (DESIGN.md "The front door", API.md Decision 13): huge
 //! declared bodies, huge heads, idle and slow clients, garbage on the TLS port, file-descriptor
-//! exhaustion, early answers to large uploads, keep-alive, chunked bodies and the connection
+//! exhaustion, early answers to large uploads and to clients that wait before sending a body
+//! (with or without `Expect: 100-continue`), keep-alive, chunked bodies and the connection
 //! limit. After every hostile client the process must still be alive, its memory bounded, and a
 //! normal request must succeed.
 

@@ -1220,3 +1220,100 @@ fn decided_answers_reach_a_waiting_client_at_once() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_serving(&s);
 }
+
+/// `curl -T` of a file over 1 MiB with `Expect: 100-continue`, waiting up to 10 s for the
+/// interim answer. Returns the status, the body bytes curl sent and the time it took.
+fn curl_expect_put(url: &str, ca: Option<&Path>, token: &str, file: &Path) -> (u16, u64, f64) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-o", "/dev/null", "--max-time", "30"])
+        .args(["--expect100-timeout", "10", "-H", "Expect: 100-continue"])
+        .args(["-w", "%{http_code} %{size_upload} %{time_total}"])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg("-T")
+        .arg(file);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    let out = cmd.arg(url).output().expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut f = text.split_whitespace();
+    let parsed = (|| {
+        Some((
+            f.next()?.parse().ok()?,
+            f.next()?.parse().ok()?,
+            f.next()?.parse().ok()?,
+        ))
+    })();
+    parsed.unwrap_or_else(|| panic!("curl: {text} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A real client that waits for `100 Continue`, over plain TCP and over TLS: a refused upload
+/// is answered at once and its body is never sent; an accepted one is sent after the interim
+/// answer.
+#[test]
+fn curl_waiting_for_100_continue_is_answered_at_once() {
+    if !require_tool("curl") || !require_tool("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = bytes(3 << 20, 11);
+    let file = d.join("part");
+    std::fs::write(&file, &data).unwrap();
+
+    let s = Server::start();
+    let w = s.writer_token();
+    let r = s.call(
+        "POST",
+        "/v1/uploads",
+        &w,
+        &json!({"expected_digest": sha256_digest(&data), "expected_size_bytes": data.len()}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let url = |addr: &str, scheme: &str, upload: &str| {
+        format!("{scheme}://{addr}/v1/uploads/{upload}/parts/1")
+    };
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for (token, upload, status) in [("imgsrv_at_wrong", &id, 401), (w.as_str(), &unknown, 404)] {
+        let (got, sent, took) = curl_expect_put(&url(&s.addr, "http", upload), None, token, &file);
+        assert_eq!((got, sent), (status, 0), "plain {status}");
+        assert!(took < 2.0, "plain {status} took {took} s");
+    }
+    let (got, sent, took) = curl_expect_put(&url(&s.addr, "http", &id), None, &w, &file);
+    assert_eq!((got, sent), (200, data.len() as u64));
+    assert!(
+        took < 5.0,
+        "the accepted upload took {took} s (no 100 Continue?)"
+    );
+    drop(s);
+
+    ec_req(
+        d,
+        "self",
+        "imgsrv-test",
+        &[
+            "-x509",
+            "-days",
+            "2",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+    );
+    let cert = d.join("self.pem");
+    let s = Server::start_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        d.join("self.key").to_str().unwrap(),
+    ]);
+    let (got, sent, took) = curl_expect_put(
+        &url(&s.addr, "https", &id),
+        Some(&cert),
+        "imgsrv_at_wrong",
+        &file,
+    );
+    assert_eq!((got, sent), (401, 0), "TLS 401");
+    assert!(took < 2.0, "TLS 401 took {took} s");
+    assert_alive(&s);
+}

@@ -88,15 +88,18 @@ pub fn start(
     Ok(Backend { server, workers })
 }
 
-/// Counts the body bytes a handler reads, to know whether it left some unread.
-struct CountingReader<'a> {
-    inner: &'a mut dyn Read,
+/// The request body, opened on the handler's first read, counting the bytes read (to know
+/// whether the handler left some unread). Opening it lazily matters: tiny_http answers
+/// `Expect: 100-continue` from `as_reader()`, so a handler that refuses a request without
+/// reading its body sends the final status instead of a `100 Continue` it does not mean.
+struct LazyBody<'a> {
+    rq: &'a mut tiny_http::Request,
     read: u64,
 }
 
-impl Read for CountingReader<'_> {
+impl Read for LazyBody<'_> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
+        let n = self.rq.as_reader().read(buf)?;
         self.read += n as u64;
         Ok(n)
     }
@@ -141,8 +144,8 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
     });
 
     let (response, body_read) = {
-        let mut counting = CountingReader {
-            inner: rq.as_reader(),
+        let mut counting = LazyBody {
+            rq: &mut rq,
             read: 0,
         };
         let mut req = Request {

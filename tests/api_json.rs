@@ -286,3 +286,82 @@ fn request_structs_must_be_objects() {
     );
     assert_eq!(json_ok(&r, 200)["state"], "ready");
 }
+
+/// JSON has one number type: an integer member accepts an integral number written with a
+/// fraction or an exponent (`3.0`, `3e0`), as JSON Schema's `integer` does. A fraction, or a
+/// value outside 64 bits, is still a wrong type.
+#[test]
+fn integral_numbers_are_integers() {
+    let s = Server::start();
+    let w = s.writer_token();
+    let auth = format!("Bearer {w}");
+    let post = |path: &str, body: &str| {
+        s.request("POST", path, &[("Authorization", &auth)], body.as_bytes())
+    };
+    let digest = sha256_digest(b"abc");
+    for bad in ["3.5", "1e19", "-1e19", "true"] {
+        let r = post(
+            "/v1/uploads",
+            &format!(r#"{{"expected_digest": "{digest}", "expected_size_bytes": {bad}}}"#),
+        );
+        assert_json_error(&r, bad, PREFIX);
+    }
+    let r = post(
+        "/v1/uploads",
+        &format!(r#"{{"expected_digest": "{digest}", "expected_size_bytes": 3.0}}"#),
+    );
+    let id = json_ok(&r, 201)["id"].as_str().unwrap().to_string();
+    assert_eq!(json_ok(&r, 201)["expected_size_bytes"], 3);
+    let etag = json_ok(&put_part(&s, &w, &id, "1", b"abc"), 200)["etag"].clone();
+    let complete = |number: &str, size: &str| {
+        post(
+            &format!("/v1/uploads/{id}/complete"),
+            &format!(
+                r#"{{"parts": [{{"number": {number}, "etag": {etag}, "size_bytes": {size}}}]}}"#
+            ),
+        )
+    };
+    assert_json_error(&complete("1.5", "3"), "part number 1.5", PREFIX);
+    assert_json_error(&complete("1", "3.25"), "size 3.25", PREFIX);
+    assert_eq!(json_ok(&complete("1.0", "3e0"), 200)["state"], "ready");
+
+    json_ok(
+        &s.call("POST", "/v1/images", &w, &json!({"name": "img"})),
+        201,
+    );
+    json_ok(
+        &s.call(
+            "POST",
+            "/v1/images/img/versions",
+            &w,
+            &json!({"version": "1.0"}),
+        ),
+        201,
+    );
+    let artifact = |size: &str| {
+        post(
+            "/v1/images/img/versions/1.0/artifacts",
+            &format!(
+                r#"{{"operating_system": "debian", "architecture": "x86_64", "format": "raw",
+                    "primary_blob_digest": "{digest}", "primary_blob_size_bytes": {size},
+                    "primary_media_type": "application/octet-stream"}}"#
+            ),
+        )
+    };
+    assert_json_error(&artifact("3.000001"), "artifact size", PREFIX);
+    let a = json_ok(&artifact("3.0"), 201);
+    assert_eq!(a["primary_blob_size_bytes"], 3);
+    let aid = a["id"].as_str().unwrap();
+    let attachment = |name: &str, size: &str| {
+        post(
+            &format!("/v1/images/img/versions/1.0/artifacts/{aid}/attachments"),
+            &format!(
+                r#"{{"name": "{name}", "media_type": "text/plain", "blob_digest": "{digest}",
+                    "blob_size_bytes": {size}}}"#
+            ),
+        )
+    };
+    assert_json_error(&attachment("sums", "2.5"), "attachment size", PREFIX);
+    let t = json_ok(&attachment("sums", "0.03e2"), 201);
+    assert_eq!(t["blob_size_bytes"], 3);
+}

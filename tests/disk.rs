@@ -79,19 +79,30 @@ fn fill(path: &Path) -> u64 {
     written
 }
 
-/// Sends a part upload's head and as much of its body as the server takes, then reads the
-/// answer (the server may answer and close before the body is sent).
-fn send_part(s: &Server, token: &str, upload: &str, data: &[u8]) -> Resp {
+/// Sends a part upload's head, waits up to a second for an answer decided before the body
+/// (a 507 must come then), else sends the body and reads the answer. Returns the answer and
+/// whether it came before the body was sent.
+fn send_part_waiting(s: &Server, token: &str, upload: &str, data: &[u8]) -> (Resp, bool) {
     let mut c = TcpStream::connect(&s.addr).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let head = format!(
         "PUT /v1/uploads/{upload}/parts/1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
          Authorization: Bearer {token}\r\nContent-Length: {}\r\n\r\n",
         data.len()
     );
     c.write_all(head.as_bytes()).unwrap();
-    let _ = c.write_all(data);
-    read_response(&mut c, false)
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut first = [0u8; 1];
+    let early = matches!(c.peek(&mut first), Ok(n) if n > 0);
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    if !early {
+        let _ = c.write_all(data);
+    }
+    (read_response(&mut c, false), early)
+}
+
+/// Sends a part upload and reads the answer.
+fn send_part(s: &Server, token: &str, upload: &str, data: &[u8]) -> Resp {
+    send_part_waiting(s, token, upload, data).0
 }
 
 fn begin(s: &Server, token: &str, data: &[u8]) -> String {
@@ -196,11 +207,13 @@ fn full_disk_refuses_early_keeps_serving_and_recovers_without_restart() {
         let data = bytes(24 * MIB, acked.len() as u64 + 1);
         let id = begin(&s, &token, &data);
         let started = Instant::now();
-        let r = send_part(&s, &token, &id, &data);
+        let (r, early) = send_part_waiting(&s, &token, &id, &data);
         if r.status == 507 {
-            eprintln!("507 after {:?}", started.elapsed());
+            eprintln!("507 after {:?}, before the body", started.elapsed());
+            assert!(early, "the 507 came only after the body was sent");
             break r;
         }
+        assert!(!early, "{}", r.text());
         assert_eq!(r.status, 200, "{}", r.text());
         let c = complete(&s, &token, &id, &r, data.len());
         assert_eq!(c.status, 200, "{}", c.text());

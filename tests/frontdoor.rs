@@ -1,6 +1,7 @@
 //! The front door against hostile clients (DESIGN.md "The front door", API.md Decision 13): huge
 //! declared bodies, huge heads, idle and slow clients, garbage on the TLS port, file-descriptor
-//! exhaustion, early answers to large uploads, keep-alive, chunked bodies and the connection
+//! exhaustion, early answers to large uploads and to clients that wait before sending a body
+//! (with or without `Expect: 100-continue`), keep-alive, chunked bodies and the connection
 //! limit. After every hostile client the process must still be alive, its memory bounded, and a
 //! normal request must succeed.
 
@@ -172,7 +173,7 @@ fn read_one(s: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> Resp {
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = parse_response(&buf[..end], true);
-    let len: usize = if head_only || matches!(head.status, 204 | 304) {
+    let len: usize = if head_only || matches!(head.status, 100..=199 | 204 | 304) {
         0
     } else {
         head.header("Content-Length")
@@ -1111,4 +1112,208 @@ fn declared_bodies_are_never_drained_into_one_allocation() {
         "{}",
         s.log_text()
     );
+}
+
+/// Sends a request head (no body) and reads one answer, timing it. The client then just waits,
+/// as a client holding back a large body until it knows the answer would.
+fn answer_to_head(addr: &str, head: &str) -> (TcpStream, Vec<u8>, Resp, Duration) {
+    let mut c = connect(addr);
+    let started = Instant::now();
+    c.write_all(head.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    let r = read_one(&mut c, &mut buf, false);
+    (c, buf, r, started.elapsed())
+}
+
+/// An answer decided before the body is read reaches a client that sent only the head at
+/// once, with or without `Expect: 100-continue`; a client that expects `100 Continue` gets it
+/// only when the request will be accepted.
+#[test]
+fn decided_answers_reach_a_waiting_client_at_once() {
+    // A long I/O timeout: an answer that waited for the client's next bytes, or for the
+    // timeout, would take far longer than the second allowed.
+    let s = Server::start_with(&["--io-timeout", "30s"]);
+    let w = s.writer_token();
+    let id = session(&s, &w);
+    let unknown = uuid::Uuid::new_v4();
+    let gib: u64 = 1 << 30;
+    let part = |upload: &str, auth: &str, len: u64, expect: bool| {
+        format!(
+            "PUT /v1/uploads/{upload}/parts/1 HTTP/1.1\r\nHost: x\r\n{auth}Content-Length: {len}\r\n{}\r\n",
+            if expect {
+                "Expect: 100-continue\r\n"
+            } else {
+                ""
+            }
+        )
+    };
+    let bearer = format!("Authorization: Bearer {w}\r\n");
+    let cases: [(String, u64, u16, &str); 4] = [
+        // One byte over the largest part, but under the front door's own limit: the API's 400.
+        (id.clone(), 5 * gib + 1, 400, "part size must be at most"),
+        (id.clone(), 4 * gib, 401, "invalid bearer token"),
+        (unknown.to_string(), 4 * gib, 404, ""),
+        // Over the front door's limit: its own 413.
+        (id.clone(), 6 * gib, 413, "exceeds the limit"),
+    ];
+    for expect in [false, true] {
+        for (upload, len, status, detail) in &cases {
+            let auth = if *status == 401 { "" } else { bearer.as_str() };
+            let (mut c, buf, r, took) = answer_to_head(&s.addr, &part(upload, auth, *len, expect));
+            assert_ne!(r.status, 100, "a refused request was told to continue");
+            r.assert_problem(*status, detail);
+            assert_eq!(r.header("Connection"), Some("close"));
+            assert!(
+                took < Duration::from_secs(1),
+                "{status} (expect {expect}) took {took:?}"
+            );
+            // The body was never sent, so the connection cannot be reused: it is closed.
+            let (rest, _) = wait_closed(&mut c, Duration::from_secs(5));
+            assert!(rest.is_empty() && buf.is_empty(), "{rest:?}");
+        }
+    }
+    // Accepted: `100 Continue` at once, then the final answer once the body is sent, and the
+    // connection stays usable.
+    let (mut c, mut buf, r, took) = answer_to_head(&s.addr, &part(&id, &bearer, 3, true));
+    assert_eq!(r.status, 100, "{:?}", r.headers);
+    assert!(r.headers.is_empty(), "{:?}", r.headers);
+    assert!(took < Duration::from_secs(1), "100 Continue took {took:?}");
+    c.write_all(b"abc").unwrap();
+    let r = read_one(&mut c, &mut buf, false);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["size_bytes"], 3);
+    assert_eq!(r.header("Connection"), None);
+    assert_eq!(get_on(&mut c, &mut buf, "/healthz").status, 204);
+    // A client that does not wait for `100 Continue` is served as well (an interim answer may
+    // come first: it is allowed at any time before the final one).
+    let mut c = connect(&s.addr);
+    let mut head = part(&id, &bearer, 3, true).into_bytes();
+    head.extend_from_slice(b"abc");
+    c.write_all(&head).unwrap();
+    let mut buf = Vec::new();
+    let mut r = read_one(&mut c, &mut buf, true);
+    if r.status == 100 {
+        r = read_one(&mut c, &mut buf, false);
+    } else {
+        let len: usize = r.header("Content-Length").unwrap().parse().unwrap();
+        while buf.len() < len {
+            let mut chunk = [0u8; 4096];
+            let n = c.read(&mut chunk).unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        r.body = buf[..len].to_vec();
+    }
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["size_bytes"], 3);
+    // HTTP/1.0 has no interim answers: the expectation is ignored.
+    let mut c = connect(&s.addr);
+    c.write_all(
+        format!(
+            "PUT /v1/uploads/{id}/parts/1 HTTP/1.0\r\n{bearer}Content-Length: 3\r\nExpect: 100-continue\r\n\r\nabc"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    let (raw, _) = wait_closed(&mut c, Duration::from_secs(5));
+    let r = parse_response(&raw, false);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_serving(&s);
+}
+
+/// `curl -T` of a file over 1 MiB with `Expect: 100-continue`, waiting up to 10 s for the
+/// interim answer. Returns the status, the body bytes curl sent and the time it took.
+fn curl_expect_put(url: &str, ca: Option<&Path>, token: &str, file: &Path) -> (u16, u64, f64) {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-o", "/dev/null", "--max-time", "30"])
+        .args(["--expect100-timeout", "10", "-H", "Expect: 100-continue"])
+        .args(["-w", "%{http_code} %{size_upload} %{time_total}"])
+        .args(["-H", &format!("Authorization: Bearer {token}")])
+        .arg("-T")
+        .arg(file);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
+    let out = cmd.arg(url).output().expect("running curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut f = text.split_whitespace();
+    let parsed = (|| {
+        Some((
+            f.next()?.parse().ok()?,
+            f.next()?.parse().ok()?,
+            f.next()?.parse().ok()?,
+        ))
+    })();
+    parsed.unwrap_or_else(|| panic!("curl: {text} {}", String::from_utf8_lossy(&out.stderr)))
+}
+
+/// A real client that waits for `100 Continue`, over plain TCP and over TLS: a refused upload
+/// is answered at once and its body is never sent; an accepted one is sent after the interim
+/// answer.
+#[test]
+fn curl_waiting_for_100_continue_is_answered_at_once() {
+    if !require_tool("curl") || !require_tool("openssl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let data = bytes(3 << 20, 11);
+    let file = d.join("part");
+    std::fs::write(&file, &data).unwrap();
+
+    let s = Server::start();
+    let w = s.writer_token();
+    let r = s.call(
+        "POST",
+        "/v1/uploads",
+        &w,
+        &json!({"expected_digest": sha256_digest(&data), "expected_size_bytes": data.len()}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    let url = |addr: &str, scheme: &str, upload: &str| {
+        format!("{scheme}://{addr}/v1/uploads/{upload}/parts/1")
+    };
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for (token, upload, status) in [("imgsrv_at_wrong", &id, 401), (w.as_str(), &unknown, 404)] {
+        let (got, sent, took) = curl_expect_put(&url(&s.addr, "http", upload), None, token, &file);
+        assert_eq!((got, sent), (status, 0), "plain {status}");
+        assert!(took < 2.0, "plain {status} took {took} s");
+    }
+    let (got, sent, took) = curl_expect_put(&url(&s.addr, "http", &id), None, &w, &file);
+    assert_eq!((got, sent), (200, data.len() as u64));
+    assert!(
+        took < 5.0,
+        "the accepted upload took {took} s (no 100 Continue?)"
+    );
+    drop(s);
+
+    ec_req(
+        d,
+        "self",
+        "imgsrv-test",
+        &[
+            "-x509",
+            "-days",
+            "2",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+    );
+    let cert = d.join("self.pem");
+    let s = Server::start_with(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        d.join("self.key").to_str().unwrap(),
+    ]);
+    let (got, sent, took) = curl_expect_put(
+        &url(&s.addr, "https", &id),
+        Some(&cert),
+        "imgsrv_at_wrong",
+        &file,
+    );
+    assert_eq!((got, sent), (401, 0), "TLS 401");
+    assert!(took < 2.0, "TLS 401 took {took} s");
+    assert_alive(&s);
 }

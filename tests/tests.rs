@@ -12,6 +12,7 @@ mod api_publish;
 mod api_routing;
 mod api_uploads;
 mod caching;
+mod contract;
 mod crash;
 mod disk;
 mod frontdoor;

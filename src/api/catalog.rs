@@ -29,6 +29,7 @@ struct AddArtifactRequest {
     architecture: String,
     format: String,
     primary_blob_digest: String,
+    #[serde(deserialize_with = "super::integer")]
     primary_blob_size_bytes: i64,
     primary_media_type: String,
 }
@@ -39,6 +40,7 @@ struct AddAttachmentRequest {
     name: String,
     media_type: String,
     blob_digest: String,
+    #[serde(deserialize_with = "super::integer")]
     blob_size_bytes: i64,
 }
 

@@ -13,6 +13,7 @@ use std::io::Read;
 #[serde(deny_unknown_fields, default)]
 struct BeginUploadRequest {
     expected_digest: String,
+    #[serde(deserialize_with = "super::integer")]
     expected_size_bytes: i64,
     media_type_hint: Option<String>,
     filename_hint: Option<String>,
@@ -21,8 +22,10 @@ struct BeginUploadRequest {
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 struct CompletePart {
+    #[serde(deserialize_with = "super::integer")]
     number: i64,
     etag: String,
+    #[serde(deserialize_with = "super::integer")]
     size_bytes: i64,
 }
 

@@ -19,6 +19,11 @@ trait Client: Read + Write {
     fn splice_target(&self) -> Option<&TcpStream> {
         None
     }
+    /// Whether a read would return data without touching the socket. Polling the socket alone
+    /// would miss plaintext that TLS has already decrypted and buffered.
+    fn buffered(&mut self) -> bool {
+        false
+    }
 }
 
 impl Client for TcpStream {
@@ -33,6 +38,12 @@ impl Client for TcpStream {
 impl Client for StreamOwned<ServerConnection, TcpStream> {
     fn tcp(&self) -> &TcpStream {
         &self.sock
+    }
+    fn buffered(&mut self) -> bool {
+        // A TLS error is reported by the next read, so it counts as something to read.
+        self.conn
+            .process_new_packets()
+            .map_or(true, |s| s.plaintext_bytes_to_read() > 0)
     }
 }
 
@@ -209,7 +220,6 @@ fn relay<C: Client>(
     length: u64,
     buf: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let limits = &door.limits;
     let mut backend = match UnixStream::connect(&door.backend.path) {
         Ok(b) => b,
         Err(e) => {
@@ -217,6 +227,12 @@ fn relay<C: Client>(
             return Err(e);
         }
     };
+    // `100 Continue` must promise only what the handler will accept, so the expectation is
+    // passed on: tiny_http sends its interim answer when the handler first reads the body, and a
+    // handler that refuses the request without reading sends the final status instead. An
+    // HTTP/1.0 expectation is ignored (RFC 9110 10.1.1), as is one on a request without a body.
+    let expect =
+        length > 0 && head.version == "HTTP/1.1" && head.has_token("Expect", "100-continue");
     let mut out = Vec::with_capacity(1024);
     write!(out, "{} {} {}\r\n", head.method, head.target, head.version)?;
     for (k, v) in &head.headers {
@@ -231,6 +247,9 @@ fn relay<C: Client>(
     if head.header("Content-Length").is_some() {
         write!(out, "Content-Length: {length}\r\n")?;
     }
+    if expect {
+        out.extend_from_slice(b"Expect: 100-continue\r\n");
+    }
     // `upgrade` makes tiny_http hand the handler the plain socket instead of a reader bounded
     // by Content-Length, whose drop drains the unread rest of a body into one allocation of
     // that size: a 401 to a 5 GiB part would abort the process wherever 5 GiB cannot be
@@ -238,67 +257,26 @@ fn relay<C: Client>(
     out.extend_from_slice(b"Connection: close, upgrade\r\n\r\n");
     backend.write_all(&out)?;
 
-    // Request body: what is already buffered, then the rest from the socket. Before each
-    // block, look whether the backend already answered (e.g. 401 to a large upload): then the
-    // rest of the body is not sent and the client connection is closed after the response.
-    let mut remaining = length;
-    let mut early = false;
-    if length > 0 && head.has_token("Expect", "100-continue") {
-        client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
-        client.flush()?;
-    }
-    let take = (buf.len() as u64).min(remaining) as usize;
-    if take > 0 {
-        // tiny_http closes its end once it has answered without reading the body.
-        early = backend.write_all(&buf[..take]).is_err();
-        buf.drain(..take);
-        remaining -= take as u64;
-    }
-    if remaining > 0 && !early {
-        client.tcp().set_read_timeout(Some(limits.io_timeout))?;
-        let mut block = vec![0u8; RELAY_BUF];
-        while remaining > 0 {
-            if backend_answered(&backend) {
-                early = true;
-                break;
-            }
-            let want = remaining.min(RELAY_BUF as u64) as usize;
-            let n = match client.read(&mut block[..want]) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "client closed mid-body",
-                    ));
-                }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if backend.write_all(&block[..n]).is_err() {
-                // The backend stopped reading: it has answered or failed; read its answer.
-                early = true;
-                break;
-            }
-            remaining -= n as u64;
-        }
-    }
+    let mut rbuf = Vec::with_capacity(4096);
+    let (remaining, answered) =
+        send_body(door, client, &mut backend, length, buf, expect, &mut rbuf)?;
+    // The backend answered before the whole body arrived (e.g. 401 to a large upload): the
+    // rest of the body is not read and the client connection is closed after the response.
+    let early = remaining > 0;
     if !early {
         let _ = backend.shutdown(std::net::Shutdown::Write);
     }
-
-    // Response head.
-    let mut rbuf = Vec::with_capacity(4096);
-    let far = Instant::now() + Duration::from_secs(24 * 3600);
-    let rhead_len = head::read_head(
-        &mut backend,
-        &mut rbuf,
-        256 * 1024,
-        far,
-        Duration::from_secs(24 * 3600),
-        &mut |_| Ok(()),
-        &|| false,
-    )
-    .map_err(|e| io::Error::other(format!("backend response: {e:?}")))?;
+    let rhead_len = match answered {
+        Some(n) => n,
+        None => loop {
+            // Interim answers after the whole body was sent tell the client nothing.
+            let n = backend_head(&mut backend, &mut rbuf)?;
+            if status_of(&rbuf[..n]) >= 200 {
+                break n;
+            }
+            rbuf.drain(..n);
+        },
+    };
     let text = String::from_utf8_lossy(&rbuf[..rhead_len - 4]).into_owned();
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or("");
@@ -476,14 +454,146 @@ fn splice_body(backend: &UnixStream, client: &TcpStream, len: u64) -> io::Result
     Ok(Spliced::All)
 }
 
-/// Whether the backend has response bytes waiting (a non-blocking peek).
-fn backend_answered(backend: &UnixStream) -> bool {
-    use rustix::net::RecvFlags;
-    let mut one = [0u8; 1];
-    matches!(
-        rustix::net::recv(backend, &mut one, RecvFlags::PEEK | RecvFlags::DONTWAIT),
-        Ok((n, _)) if n > 0
+/// Sends the request body to the backend while watching the backend for an answer, so that an
+/// answer decided before the body was read (401, 404, 507, ...) reaches the client at once,
+/// whatever the client does next. A `100 Continue` from the backend is passed on. Returns the
+/// body bytes not sent (more than zero when the backend answered first) and, when the final
+/// response head arrived meanwhile, its length at the start of `rbuf`.
+fn send_body<C: Client>(
+    door: &FrontDoor,
+    client: &mut C,
+    backend: &mut UnixStream,
+    length: u64,
+    buf: &mut Vec<u8>,
+    expect: bool,
+    rbuf: &mut Vec<u8>,
+) -> io::Result<(u64, Option<usize>)> {
+    use rustix::event::{PollFd, PollFlags, Timespec, poll};
+    let io_timeout = door.limits.io_timeout;
+    let mut remaining = length;
+    // What is already buffered goes first.
+    let take = (buf.len() as u64).min(remaining) as usize;
+    if take > 0 {
+        // tiny_http closes its end once it has answered without reading the body.
+        let failed = backend.write_all(&buf[..take]).is_err();
+        buf.drain(..take);
+        if failed {
+            return Ok((remaining, None));
+        }
+        remaining -= take as u64;
+    }
+    if remaining == 0 {
+        return Ok((0, None));
+    }
+    client.tcp().set_read_timeout(Some(io_timeout))?;
+    // A client waiting for `100 Continue` is not stalling: its silence is not timed until it
+    // has been told to go on (or has started anyway).
+    let mut waiting = expect;
+    let mut continued = false;
+    let mut stall_deadline = Instant::now() + io_timeout;
+    let mut block = Vec::new();
+    while remaining > 0 {
+        let buffered = client.buffered();
+        let (client_ready, backend_ready) = if !rbuf.is_empty() {
+            (false, true)
+        } else {
+            let wait = if buffered {
+                Some(Duration::ZERO)
+            } else if waiting {
+                None
+            } else {
+                Some(stall_deadline.saturating_duration_since(Instant::now()))
+            };
+            let wait = wait.map(|d| Timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as _,
+            });
+            let mut fds = [
+                PollFd::new(client.tcp(), PollFlags::IN),
+                PollFd::new(&*backend, PollFlags::IN),
+            ];
+            match poll(&mut fds, wait.as_ref()) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+            (
+                buffered || !fds[0].revents().is_empty(),
+                !fds[1].revents().is_empty(),
+            )
+        };
+        if backend_ready {
+            let n = backend_head(backend, rbuf)?;
+            if status_of(&rbuf[..n]) >= 200 {
+                return Ok((remaining, Some(n)));
+            }
+            // An interim answer: the handler has started reading the body.
+            if expect && !continued {
+                client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+                client.flush()?;
+                continued = true;
+            }
+            rbuf.drain(..n);
+            waiting = false;
+            stall_deadline = Instant::now() + io_timeout;
+            continue;
+        }
+        if !client_ready {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "client stalled mid-body",
+            ));
+        }
+        if block.is_empty() {
+            block = vec![0u8; RELAY_BUF];
+        }
+        let want = remaining.min(RELAY_BUF as u64) as usize;
+        let n = match client.read(&mut block[..want]) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "client closed mid-body",
+                ));
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if backend.write_all(&block[..n]).is_err() {
+            // The backend stopped reading: it has answered or failed; read its answer.
+            return Ok((remaining, None));
+        }
+        remaining -= n as u64;
+        waiting = false;
+        stall_deadline = Instant::now() + io_timeout;
+    }
+    Ok((0, None))
+}
+
+/// Reads one response head from the backend into `rbuf`. Returns its length (with the blank
+/// line); bytes after it stay in `rbuf`. The backend is trusted to answer: no deadline.
+fn backend_head(backend: &mut UnixStream, rbuf: &mut Vec<u8>) -> io::Result<usize> {
+    let far = Instant::now() + Duration::from_secs(24 * 3600);
+    head::read_head(
+        backend,
+        rbuf,
+        256 * 1024,
+        far,
+        Duration::from_secs(24 * 3600),
+        &mut |_| Ok(()),
+        &|| false,
     )
+    .map_err(|e| io::Error::other(format!("backend response: {e:?}")))
+}
+
+/// The status code of a response head (502 when unreadable).
+fn status_of(head: &[u8]) -> u16 {
+    let line = head.split(|&b| b == b'\r').next().unwrap_or(head);
+    line.split(|&b| b == b' ')
+        .nth(1)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(502)
 }
 
 fn drain_briefly<C: Client>(client: &mut C, remaining: u64) {

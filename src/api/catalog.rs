@@ -31,6 +31,7 @@ struct AddArtifactRequest {
     primary_blob_digest: String,
     primary_blob_size_bytes: i64,
     primary_media_type: String,
+    incus_requirements: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -157,6 +158,7 @@ pub fn add_artifact(app: &App, req: &mut Request, name: &str, version: &str) -> 
                 primary_blob_digest: b.primary_blob_digest,
                 primary_blob_size_bytes: b.primary_blob_size_bytes,
                 primary_media_type: b.primary_media_type,
+                incus_requirements: b.incus_requirements,
             },
         )
         .map_err(err)?;

@@ -123,7 +123,7 @@ pub fn artifact(
         .store
         .published_artifact(name, version, id)
         .map_err(err)?;
-    let canonical = format!("disk.{}", a.format);
+    let canonical = validate::artifact_file_name(&a.format);
     check_filename(filename, &canonical)?;
     let (key, record) = load_blob(app, &a.primary_blob_digest)?;
     let rep = Representation {

@@ -13,6 +13,7 @@ pub mod blobs;
 pub mod catalog;
 pub mod chunks;
 pub mod jobs;
+pub mod listing;
 pub mod stats;
 pub mod streams;
 pub mod tables;

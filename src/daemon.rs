@@ -118,6 +118,7 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         jobs: tx,
         ready: AtomicBool::new(false),
         streams_cache: std::sync::Mutex::new(None),
+        tls: tls.is_some(),
     });
     let socket = backend_socket_path(&config);
     let backend = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;

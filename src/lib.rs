@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod page;
 pub mod server;
 pub mod store;
 pub mod streams;

@@ -123,6 +123,11 @@ pub struct Artifact {
     pub primary_blob_digest: String,
     pub primary_blob_size_bytes: i64,
     pub primary_media_type: String,
+    /// What an Incus host must offer to run this image (for example `secureboot: "false"`
+    /// for an unsigned boot chain). Simple Streams carries them as the product's
+    /// `requirements`; absent on records written before the member existed.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty", default)]
+    pub incus_requirements: std::collections::BTreeMap<String, String>,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
 }

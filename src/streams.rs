@@ -1,19 +1,25 @@
 //! The Incus Simple Streams projection: a pure function from a catalog snapshot to the two
 //! documents, `streams/v1/index.json` and `streams/v1/images.json`.
 //!
-//! The rules are API.md Decision 7 and INCUS.md, which override API.md section 9:
+//! The rules, each forced by how the Incus client reads these documents:
 //! - One product per (image, version, architecture, variant), keyed
 //!   `<image>:<version>:<arch>:<variant>`, because Incus only gives aliases to the newest
 //!   version of a product; one version per product keeps every version addressable.
+//! - A product holds up to two images: a VM (`disk-kvm.img`, from a qcow2 artifact) and a
+//!   container (`squashfs`, from a squashfs artifact), sharing one `incus.tar.xz` item that
+//!   carries both fingerprints. Incus keys aliases by name, type and architecture, so one alias
+//!   then gives the container by default and the VM with `--vm`.
 //! - The version key is the publish time as `YYYYMMDD_HH:MM` (Incus drops keys that do not
 //!   start with a date) and the version string is its `label`.
-//! - Every fingerprint (`combined_disk-kvm-img_sha256`) appears once: Incus fails with "More
-//!   than one match" otherwise. A later version with identical bytes gets no product of its own;
-//!   its alias strings are added to the earliest published product with that fingerprint.
-//! - No alias string is claimed twice per architecture, counting the `{alias}/{arch}` forms
-//!   the client derives itself, because Incus then silently picks one. Version strings are
-//!   claimed before alias names (as `refs/{ref}` prefers an exact version), and earlier
-//!   published products before later ones.
+//! - Every fingerprint (`combined_disk-kvm-img_sha256`, `combined_squashfs_sha256`) appears
+//!   once: Incus fails with "More than one match" otherwise. A later product with exactly the
+//!   same images gets no product of its own; its alias strings are added to the earliest
+//!   published product with those images. A later product that repeats only some of them
+//!   keeps only its new images (with a warning).
+//! - No alias string is claimed twice per architecture and image type, counting the
+//!   `{alias}/{arch}` forms the client derives itself, because Incus then silently picks one.
+//!   Version strings are claimed before alias names (as `refs/{ref}` prefers an exact
+//!   version), and earlier published products before later ones.
 //!
 //! Output is pretty-printed JSON (2-space indent) with keys in byte order plus a trailing
 //! newline. Keys are ordered by construction (structs whose fields are declared in
@@ -21,7 +27,9 @@
 
 use crate::error::{Error, Result};
 use crate::http::percent_encode_segment;
-use crate::store::streams::{Snapshot, SnapshotArtifact, SnapshotImage, SnapshotVersion};
+use crate::store::streams::{
+    INCUS_ROOTFS_FORMAT, Snapshot, SnapshotArtifact, SnapshotImage, SnapshotVersion,
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -143,11 +151,40 @@ struct Item {
         rename = "combined_disk-kvm-img_sha256",
         skip_serializing_if = "Option::is_none"
     )]
-    combined: Option<String>,
+    combined_vm: Option<String>,
+    #[serde(
+        rename = "combined_squashfs_sha256",
+        skip_serializing_if = "Option::is_none"
+    )]
+    combined_container: Option<String>,
     ftype: &'static str,
     path: String,
     sha256: String,
     size: i64,
+}
+
+/// The Incus image type an artifact becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum ImageType {
+    Container,
+    Vm,
+}
+
+impl ImageType {
+    fn of(artifact: &SnapshotArtifact) -> ImageType {
+        if artifact.format == INCUS_ROOTFS_FORMAT {
+            ImageType::Container
+        } else {
+            ImageType::Vm
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            ImageType::Container => "container",
+            ImageType::Vm => "virtual-machine",
+        }
+    }
 }
 
 /// An eligible artifact with a known architecture, in the order products are decided.
@@ -167,17 +204,42 @@ impl Candidate<'_> {
             format!("{}/{name}/{}", self.image.name, self.artifact.variant)
         }
     }
+
+    fn key(&self) -> String {
+        format!(
+            "{}:{}:{}:{}",
+            self.image.name, self.version.version, self.arch, self.artifact.variant
+        )
+    }
+
+    fn image_type(&self) -> ImageType {
+        ImageType::of(self.artifact)
+    }
 }
 
-/// A product being assembled: its own candidate plus the alias strings it will try to claim.
+/// A product being assembled: its images (at most one per type, the first decides the
+/// product's own fields) plus the alias strings it will try to claim.
 struct Draft<'a> {
     key: String,
-    own: Candidate<'a>,
+    members: Vec<Candidate<'a>>,
     /// Strings built from version names: this product's own first, then merged versions'.
     version_strings: Vec<String>,
     /// Strings built from alias names, this product's and merged versions'.
     alias_strings: Vec<String>,
     accepted: Vec<String>,
+}
+
+impl Draft<'_> {
+    fn lead(&self) -> &Candidate<'_> {
+        &self.members[0]
+    }
+
+    fn fingerprints(&self) -> BTreeSet<&str> {
+        self.members
+            .iter()
+            .map(|c| c.artifact.combined_sha256.as_str())
+            .collect()
+    }
 }
 
 /// Renders both documents from a snapshot.
@@ -189,44 +251,35 @@ pub fn render(snapshot: &Snapshot) -> Result<Rendered> {
         aliases_by_version.get(&version).map_or(&[], Vec::as_slice)
     };
 
-    // Decide the products: the first candidate with a fingerprint owns it; later ones only
-    // lend their alias strings.
-    let mut drafts: Vec<Draft> = Vec::new();
-    let mut by_fingerprint: HashMap<&str, usize> = HashMap::new();
-    let mut keys: HashSet<String> = HashSet::new();
+    // Gather each product's images: a VM and a container of one version, architecture and
+    // variant share a product.
+    let mut groups: Vec<Vec<Candidate>> = Vec::new();
+    let mut by_key: HashMap<String, usize> = HashMap::new();
     let mut duplicates = Vec::new();
     for c in candidates {
-        let artifact = c.artifact;
-        let own_version = c.alias_string(&c.version.version);
-        let own_aliases: Vec<String> = alias_names(c.version.id)
-            .iter()
-            .map(|a| c.alias_string(a))
-            .collect();
-        if let Some(&i) = by_fingerprint.get(artifact.combined_sha256.as_str()) {
-            drafts[i].version_strings.push(own_version);
-            drafts[i].alias_strings.extend(own_aliases);
+        let key = c.key();
+        let Some(&i) = by_key.get(&key) else {
+            by_key.insert(key, groups.len());
+            groups.push(vec![c]);
             continue;
-        }
-        let key = format!(
-            "{}:{}:{}:{}",
-            c.image.name, c.version.version, c.arch, c.artifact.variant
-        );
-        if !keys.insert(key.clone()) {
+        };
+        let group = &mut groups[i];
+        if group.iter().any(|m| m.image_type() == c.image_type()) {
             // Two artifacts of one version and variant whose architectures are the same to
             // Incus (`x86_64` and `amd64`), or that differ only by operating system. Published
             // versions never change, so failing the whole document would break it for good;
             // the earlier artifact keeps the product instead.
-            duplicates.push(format!("{key} (artifact {})", artifact.artifact_id));
-            continue;
+            duplicates.push(format!("{key} (artifact {})", c.artifact.artifact_id));
+        } else if group[0].artifact.attachment_sha256 != c.artifact.attachment_sha256 {
+            // Publishing refuses this (one metadata item per product version); a catalog
+            // written before that rule existed still renders, without the second image.
+            duplicates.push(format!(
+                "{key} (artifact {}: its incus.tar.xz differs from the product's)",
+                c.artifact.artifact_id
+            ));
+        } else {
+            group.push(c);
         }
-        by_fingerprint.insert(artifact.combined_sha256.as_str(), drafts.len());
-        drafts.push(Draft {
-            key,
-            version_strings: vec![own_version],
-            alias_strings: own_aliases,
-            accepted: Vec::new(),
-            own: c,
-        });
     }
     if !duplicates.is_empty() {
         warnings.push(format!(
@@ -235,13 +288,75 @@ pub fn render(snapshot: &Snapshot) -> Result<Rendered> {
         ));
     }
 
-    // Claim alias strings per architecture: every version string before any alias name, and
-    // within each pass in product order (earliest published first).
-    let mut claimed: HashSet<(&'static str, String)> = HashSet::new();
+    // Decide the products: the first product with a fingerprint owns it. A later product with
+    // exactly the same images only lends its alias strings; one that repeats some of them
+    // keeps the rest.
+    let mut drafts: Vec<Draft> = Vec::new();
+    let mut by_fingerprint: HashMap<&str, usize> = HashMap::new();
+    let mut repeated = Vec::new();
+    for mut members in groups {
+        let lead = &members[0];
+        let own_version = lead.alias_string(&lead.version.version);
+        let own_aliases: Vec<String> = alias_names(lead.version.id)
+            .iter()
+            .map(|a| lead.alias_string(a))
+            .collect();
+        let key = lead.key();
+        let fingerprints: BTreeSet<&str> = members
+            .iter()
+            .map(|c| c.artifact.combined_sha256.as_str())
+            .collect();
+        let owners: BTreeSet<usize> = fingerprints
+            .iter()
+            .filter_map(|f| by_fingerprint.get(f).copied())
+            .collect();
+        if owners.len() == 1 {
+            let i = *owners.iter().next().unwrap();
+            if drafts[i].fingerprints() == fingerprints {
+                drafts[i].version_strings.push(own_version);
+                drafts[i].alias_strings.extend(own_aliases);
+                continue;
+            }
+        }
+        if !owners.is_empty() {
+            members.retain(|c| {
+                let seen = by_fingerprint.contains_key(c.artifact.combined_sha256.as_str());
+                if seen {
+                    repeated.push(format!("{key} ({})", c.image_type().name()));
+                }
+                !seen
+            });
+            if members.is_empty() {
+                continue;
+            }
+        }
+        for c in &members {
+            by_fingerprint.insert(c.artifact.combined_sha256.as_str(), drafts.len());
+        }
+        drafts.push(Draft {
+            key,
+            members,
+            version_strings: vec![own_version],
+            alias_strings: own_aliases,
+            accepted: Vec::new(),
+        });
+    }
+    if !repeated.is_empty() {
+        warnings.push(format!(
+            "simple streams: left out images already listed under an earlier product with \
+             other images: {}",
+            repeated.join(", ")
+        ));
+    }
+
+    // Claim alias strings per architecture and image type: every version string before any
+    // alias name, and within each pass in product order (earliest published first).
+    let mut claimed: HashSet<(&'static str, ImageType, String)> = HashSet::new();
     let mut dropped = Vec::new();
     for pass in 0..2 {
         for d in drafts.iter_mut() {
-            let arch = d.own.arch;
+            let arch = d.lead().arch;
+            let types: Vec<ImageType> = d.members.iter().map(Candidate::image_type).collect();
             let strings = if pass == 0 {
                 std::mem::take(&mut d.version_strings)
             } else {
@@ -252,14 +367,17 @@ pub fn render(snapshot: &Snapshot) -> Result<Rendered> {
                     continue;
                 }
                 let derived = format!("{s}/{arch}");
-                if claimed.contains(&(arch, s.clone()))
-                    || claimed.contains(&(arch, derived.clone()))
-                {
+                if types.iter().any(|&t| {
+                    claimed.contains(&(arch, t, s.clone()))
+                        || claimed.contains(&(arch, t, derived.clone()))
+                }) {
                     dropped.push(format!("{s} ({arch})"));
                     continue;
                 }
-                claimed.insert((arch, s.clone()));
-                claimed.insert((arch, derived));
+                for &t in &types {
+                    claimed.insert((arch, t, s.clone()));
+                    claimed.insert((arch, t, derived.clone()));
+                }
                 d.accepted.push(s);
             }
         }
@@ -371,10 +489,11 @@ fn aliases_by_version(snapshot: &Snapshot) -> HashMap<Uuid, Vec<String>> {
 
 fn product(d: Draft) -> Product {
     let Draft {
-        own: c,
+        members,
         mut accepted,
         ..
     } = d;
+    let c = &members[0];
     let own = c.alias_string(&c.version.version);
     // The product's own version string leads; the rest follow in byte order.
     let lead = accepted
@@ -386,39 +505,67 @@ fn product(d: Draft) -> Product {
 
     let image = percent_encode_segment(&c.image.name);
     let version = percent_encode_segment(&c.version.version);
-    let artifact = c.artifact;
-    let base = format!(
-        "v1/images/{image}/versions/{version}/artifacts/{}",
-        artifact.artifact_id
-    );
+    let base_of = |a: &SnapshotArtifact| {
+        format!(
+            "v1/images/{image}/versions/{version}/artifacts/{}",
+            a.artifact_id
+        )
+    };
+    let vm = members.iter().find(|m| m.image_type() == ImageType::Vm);
+    let container = members
+        .iter()
+        .find(|m| m.image_type() == ImageType::Container);
     let mut items = BTreeMap::new();
+    // One metadata item serves both images (their `incus.tar.xz` bytes are the same); it is
+    // served from the VM artifact's attachment when there is one, so adding a container to a
+    // VM image keeps the paths a VM-only product always had.
+    let meta = vm.unwrap_or(c).artifact;
     items.insert(
         "incus.tar.xz",
         Item {
-            combined: Some(artifact.combined_sha256.clone()),
+            combined_vm: vm.map(|m| m.artifact.combined_sha256.clone()),
+            combined_container: container.map(|m| m.artifact.combined_sha256.clone()),
             ftype: "incus.tar.xz",
             path: format!(
-                "{base}/attachments/{}/download/{}",
-                artifact.attachment_id,
-                percent_encode_segment(&artifact.attachment_name)
+                "{}/attachments/{}/download/{}",
+                base_of(meta),
+                meta.attachment_id,
+                percent_encode_segment(&meta.attachment_name)
             ),
-            sha256: artifact.attachment_sha256.clone(),
-            size: artifact.attachment_size,
+            sha256: meta.attachment_sha256.clone(),
+            size: meta.attachment_size,
         },
     );
-    items.insert(
-        "disk-kvm.img",
-        Item {
-            combined: None,
-            ftype: "disk-kvm.img",
-            path: format!(
-                "{base}/download/{}",
-                percent_encode_segment(&format!("disk.{}", artifact.format))
-            ),
-            sha256: artifact.disk_sha256.clone(),
-            size: artifact.disk_size,
-        },
-    );
+    for m in &members {
+        let a = m.artifact;
+        let (name, ftype) = match m.image_type() {
+            ImageType::Vm => ("disk-kvm.img", "disk-kvm.img"),
+            ImageType::Container => ("root.squashfs", "squashfs"),
+        };
+        items.insert(
+            name,
+            Item {
+                combined_vm: None,
+                combined_container: None,
+                ftype,
+                path: format!(
+                    "{}/download/{}",
+                    base_of(a),
+                    percent_encode_segment(&crate::validate::artifact_file_name(&a.format))
+                ),
+                sha256: a.disk_sha256.clone(),
+                size: a.disk_size,
+            },
+        );
+    }
+    // Incus reads requirements per product, so they apply to both images of a unified
+    // product; publishing refuses contradicting values, and the first image's win here.
+    let mut requirements = BTreeMap::new();
+    for m in &members {
+        for (k, v) in &m.artifact.incus_requirements {
+            requirements.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
     let mut versions = BTreeMap::new();
     versions.insert(
         c.version.published_at.serial(),
@@ -434,11 +581,11 @@ fn product(d: Draft) -> Product {
     Product {
         aliases: aliases.join(","),
         arch: c.arch,
-        os: artifact.operating_system.clone(),
+        os: c.artifact.operating_system.clone(),
         release: c.version.version.clone(),
         release_title,
-        requirements: BTreeMap::new(),
-        variant: artifact.variant.clone(),
+        requirements,
+        variant: c.artifact.variant.clone(),
         versions,
     }
 }
@@ -486,6 +633,17 @@ mod tests {
             attachment_sha256: hex64('2'),
             attachment_size: 100,
             combined_sha256: hex64(fp),
+            incus_requirements: BTreeMap::new(),
+        }
+    }
+
+    /// A squashfs (container) artifact sharing the metadata bytes of `artifact`'s fixtures.
+    fn container(n: u128, arch: &str, variant: &str, fp: char) -> SnapshotArtifact {
+        SnapshotArtifact {
+            format: "squashfs".to_string(),
+            disk_sha256: hex64('4'),
+            disk_size: 500,
+            ..artifact(n, arch, variant, fp)
         }
     }
 
@@ -1065,5 +1223,213 @@ mod tests {
         assert_eq!(first.index.body, second.index.body);
         // Same publish minute: the version string breaks the tie, so `1` owns the bytes.
         assert_eq!(aliases_of(&first, "a:1:amd64:default"), "a/1,a/2,a/latest");
+    }
+
+    #[test]
+    fn a_vm_and_a_container_of_one_version_share_a_product() {
+        let mut vm = artifact(0xa1, "x86_64", "default", 'a');
+        vm.incus_requirements
+            .insert("secureboot".to_string(), "false".to_string());
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-05-11T05:24:59Z",
+                vec![vm, container(0xa2, "amd64", "default", 'c')],
+            )],
+            &[("latest", 0x10)],
+        )]);
+        let r = render(&s).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        let p = products(&r);
+        assert_eq!(p.len(), 1);
+        let product = &p["img:1.0:amd64:default"];
+        assert_eq!(product["aliases"], "img/1.0,img/latest");
+        assert_eq!(product["requirements"], json!({"secureboot": "false"}));
+        let base = "v1/images/img/versions/1.0/artifacts";
+        assert_eq!(
+            product["versions"]["20260511_05:24"]["items"],
+            json!({
+                "disk-kvm.img": {
+                    "ftype": "disk-kvm.img",
+                    "path": format!("{base}/00000000-0000-0000-0000-0000000000a1/download/disk.qcow2"),
+                    "sha256": hex64('1'),
+                    "size": 1000
+                },
+                "incus.tar.xz": {
+                    "combined_disk-kvm-img_sha256": hex64('a'),
+                    "combined_squashfs_sha256": hex64('c'),
+                    "ftype": "incus.tar.xz",
+                    "path": format!("{base}/00000000-0000-0000-0000-0000000000a1/attachments/00000000-0000-0000-0000-0000000001a1/download/incus.tar.xz"),
+                    "sha256": hex64('2'),
+                    "size": 100
+                },
+                "root.squashfs": {
+                    "ftype": "squashfs",
+                    "path": format!("{base}/00000000-0000-0000-0000-0000000000a2/download/rootfs.squashfs"),
+                    "sha256": hex64('4'),
+                    "size": 500
+                }
+            })
+        );
+    }
+
+    #[test]
+    fn a_container_alone_is_a_product_with_one_fingerprint() {
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-05-11T05:24:59Z",
+                vec![container(0xa2, "x86_64", "default", 'c')],
+            )],
+            &[],
+        )]);
+        let r = render(&s).unwrap();
+        let items = &products(&r)["img:1.0:amd64:default"]["versions"]["20260511_05:24"]["items"];
+        assert_eq!(
+            items["incus.tar.xz"]["combined_squashfs_sha256"],
+            hex64('c')
+        );
+        assert!(
+            items["incus.tar.xz"]
+                .get("combined_disk-kvm-img_sha256")
+                .is_none()
+        );
+        assert!(items.get("disk-kvm.img").is_none());
+        assert_eq!(items["root.squashfs"]["ftype"], "squashfs");
+    }
+
+    #[test]
+    fn a_container_with_other_metadata_is_left_out_of_the_product() {
+        let mut ct = container(0xa2, "x86_64", "default", 'c');
+        ct.attachment_sha256 = hex64('9');
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![version(
+                0x10,
+                "1.0",
+                "2026-05-11T05:24:59Z",
+                vec![artifact(0xa1, "x86_64", "default", 'a'), ct],
+            )],
+            &[],
+        )]);
+        let r = render(&s).unwrap();
+        assert!(!text(&r.images).contains(&hex64('c')));
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(
+            r.warnings[0].contains("incus.tar.xz differs"),
+            "{:?}",
+            r.warnings
+        );
+    }
+
+    #[test]
+    fn a_repeated_image_type_keeps_only_the_new_image() {
+        // 2.0 repeats 1.0's VM bytes but brings a new container: the VM fingerprint stays with
+        // 1.0, and 2.0 lists only its container.
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![
+                version(
+                    0x10,
+                    "1.0",
+                    "2026-01-01T00:00:00Z",
+                    vec![
+                        artifact(0xa1, "x86_64", "default", 'a'),
+                        container(0xa2, "x86_64", "default", 'b'),
+                    ],
+                ),
+                version(
+                    0x11,
+                    "2.0",
+                    "2026-02-01T00:00:00Z",
+                    vec![
+                        artifact(0xa3, "x86_64", "default", 'a'),
+                        container(0xa4, "x86_64", "default", 'c'),
+                    ],
+                ),
+            ],
+            &[("latest", 0x11)],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(text(&r.images).matches(&hex64('a')).count(), 1);
+        let p = products(&r);
+        let items = &p["img:2.0:amd64:default"]["versions"]["20260201_00:00"]["items"];
+        assert!(items.get("disk-kvm.img").is_none(), "{items}");
+        assert_eq!(
+            items["incus.tar.xz"]["combined_squashfs_sha256"],
+            hex64('c')
+        );
+        assert_eq!(
+            aliases_of(&r, "img:2.0:amd64:default"),
+            "img/2.0,img/latest"
+        );
+        assert_eq!(aliases_of(&r, "img:1.0:amd64:default"), "img/1.0");
+        assert!(
+            r.warnings
+                .iter()
+                .any(|w| w.contains("img:2.0:amd64:default (virtual-machine)"))
+        );
+    }
+
+    #[test]
+    fn identical_unified_versions_merge() {
+        let arts = |a, b| {
+            vec![
+                artifact(a, "x86_64", "default", 'a'),
+                container(b, "x86_64", "default", 'b'),
+            ]
+        };
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![
+                version(0x10, "1.0", "2026-01-01T00:00:00Z", arts(0xa1, 0xa2)),
+                version(0x11, "2.0", "2026-02-01T00:00:00Z", arts(0xa3, 0xa4)),
+            ],
+            &[],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(products(&r).len(), 1);
+        assert_eq!(aliases_of(&r, "img:1.0:amd64:default"), "img/1.0,img/2.0");
+    }
+
+    #[test]
+    fn aliases_are_claimed_per_image_type() {
+        // A VM-only version named `stable` and a container-only version aliased `stable`: Incus
+        // keeps aliases per type, so both may carry `img/stable`.
+        let s = snapshot(vec![image(
+            "img",
+            None,
+            vec![
+                version(
+                    0x10,
+                    "stable",
+                    "2026-01-01T00:00:00Z",
+                    vec![artifact(0xa1, "x86_64", "default", 'a')],
+                ),
+                version(
+                    0x11,
+                    "2.0",
+                    "2026-02-01T00:00:00Z",
+                    vec![container(0xa2, "x86_64", "default", 'b')],
+                ),
+            ],
+            &[("stable", 0x11)],
+        )]);
+        let r = render(&s).unwrap();
+        assert_eq!(aliases_of(&r, "img:stable:amd64:default"), "img/stable");
+        assert_eq!(
+            aliases_of(&r, "img:2.0:amd64:default"),
+            "img/2.0,img/stable"
+        );
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     }
 }

@@ -61,7 +61,30 @@ pub fn digest(s: &str) -> bool {
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
 }
 
-pub const FORMATS: [&str; 3] = ["raw", "raw.gz", "qcow2"];
+/// Artifact formats: disk images (`raw`, `raw.gz`, `qcow2`) and a container root file system
+/// (`squashfs`).
+pub const FORMATS: [&str; 4] = ["raw", "raw.gz", "qcow2", "squashfs"];
+
+/// The file name an artifact of this format is downloaded as (the last segment of its
+/// file-name route). A container root file system is `rootfs.squashfs`, the name distrobuilder
+/// gives it, so that `incus image export` writes files a person recognises; disks are
+/// `disk.<format>`.
+pub fn artifact_file_name(format: &str) -> String {
+    if format == "squashfs" {
+        "rootfs.squashfs".to_string()
+    } else {
+        format!("disk.{format}")
+    }
+}
+
+/// Most Incus requirements an artifact may declare.
+pub const MAX_INCUS_REQUIREMENTS: usize = 16;
+
+/// An Incus requirement value: 1 to 128 printable ASCII characters. Incus stores requirements
+/// as image properties, so only plain text belongs there.
+pub fn incus_requirement_value(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|c| (0x20..0x7f).contains(&c))
+}
 
 /// Non-blank after trimming ASCII whitespace.
 pub fn non_blank(s: &str) -> bool {
@@ -125,10 +148,21 @@ mod tests {
             (digest, &format!("sha256:{}", "A".repeat(64)), false),
             (digest, &format!("sha256:{}", "a".repeat(63)), false),
             (digest, "md5:00", false),
+            (incus_requirement_value, "false", true),
+            (incus_requirement_value, "", false),
+            (incus_requirement_value, "a\nb", false),
+            (incus_requirement_value, &"a".repeat(129), false),
         ];
         for (f, input, want) in cases {
             assert_eq!(f(input), *want, "{input:?}");
         }
+    }
+
+    #[test]
+    fn file_names() {
+        assert_eq!(artifact_file_name("qcow2"), "disk.qcow2");
+        assert_eq!(artifact_file_name("raw.gz"), "disk.raw.gz");
+        assert_eq!(artifact_file_name("squashfs"), "rootfs.squashfs");
     }
 
     #[test]

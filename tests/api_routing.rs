@@ -26,7 +26,6 @@ fn unknown_paths_are_plain_404() {
     let w = s.writer_token();
     s.publish_image(&w, "img", "1.0", b"disk", b"meta");
     let paths = [
-        "/",
         "/v1",
         "/v1/",
         "/v2/images",
@@ -216,6 +215,7 @@ fn head_mirrors_get() {
         .to_string();
     let base = format!("/v1/images/img/versions/1.0/artifacts/{aid}");
     let routes: Vec<(String, Option<&str>)> = vec![
+        ("/".into(), None),
         ("/healthz".into(), None),
         ("/readyz".into(), None),
         ("/openapi/v1.yaml".into(), None),

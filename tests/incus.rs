@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// A tiny valid VM image: a qcow2 disk and an `incus.tar.xz` with a `metadata.yaml`.
-struct Fixture {
-    disk: Vec<u8>,
-    meta: Vec<u8>,
+pub(crate) struct Fixture {
+    pub disk: Vec<u8>,
+    pub meta: Vec<u8>,
 }
 
-fn fixture(dir: &Path, name: &str, arch: &str, disk_mib: u32) -> Fixture {
+pub(crate) fn fixture(dir: &Path, name: &str, arch: &str, disk_mib: u32) -> Fixture {
     let root = dir.join(name);
     std::fs::create_dir_all(root.join("img/templates")).unwrap();
     let disk = root.join("disk.qcow2");
@@ -52,7 +52,7 @@ fn fixture(dir: &Path, name: &str, arch: &str, disk_mib: u32) -> Fixture {
     }
 }
 
-fn fingerprint(f: &Fixture) -> String {
+pub(crate) fn fingerprint(f: &Fixture) -> String {
     let mut both = f.meta.clone();
     both.extend_from_slice(&f.disk);
     sha256_hex(&both)
@@ -116,15 +116,26 @@ fn publish(s: &Server, w: &str, image: &str, version: &str) {
     assert_eq!(job["state"], "succeeded", "{job}");
 }
 
-/// An isolated Incus client configuration with the server's certificate pinned.
-struct Client {
+/// An isolated Incus client configuration with the server's certificate pinned, talking to a
+/// private daemon when it has one.
+pub(crate) struct Client {
     dir: tempfile::TempDir,
+    daemon: Option<PathBuf>,
 }
 
 impl Client {
-    fn new(s: &Server, cert: &Path) -> Client {
+    pub(crate) fn new(s: &Server, cert: &Path) -> Client {
+        Client::connect(s, cert, None)
+    }
+
+    /// A client whose `local:` is this daemon.
+    pub(crate) fn with_daemon(s: &Server, cert: &Path, daemon: &crate::incusd::Daemon) -> Client {
+        Client::connect(s, cert, Some(daemon.dir().to_path_buf()))
+    }
+
+    fn connect(s: &Server, cert: &Path, daemon: Option<PathBuf>) -> Client {
         let dir = tempfile::tempdir().unwrap();
-        let c = Client { dir };
+        let c = Client { dir, daemon };
         std::fs::create_dir_all(c.conf().join("servercerts")).unwrap();
         std::fs::copy(cert, c.conf().join("servercerts/imgsrv.crt")).unwrap();
         let url = format!("https://{}", s.addr);
@@ -136,19 +147,28 @@ impl Client {
         self.dir.path().join("conf")
     }
     /// Runs `incus ARGS`; returns (success, stdout, stderr).
-    fn run(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new("incus")
-            .args(args)
+    pub(crate) fn run(&self, args: &[&str]) -> (bool, String, String) {
+        let mut cmd = Command::new("incus");
+        cmd.args(args)
             .env("INCUS_CONF", self.conf())
             .env("INCUS_CACHE", self.dir.path().join("cache"))
             .env("HOME", self.dir.path())
-            .output()
-            .expect("running incus");
+            .stdin(std::process::Stdio::null());
+        if let Some(d) = &self.daemon {
+            cmd.env("INCUS_DIR", d);
+        }
+        let out = cmd.output().expect("running incus");
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
+    }
+    /// Runs `incus ARGS` and asserts success; returns stdout.
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
+        let (ok, out, err) = self.run(args);
+        assert!(ok, "incus {args:?} failed: {err}");
+        out
     }
     fn list(&self) -> Vec<Value> {
         let (ok, out, err) = self.run(&["image", "list", "imgsrv:", "--format", "json"]);
@@ -159,7 +179,7 @@ impl Client {
             .unwrap()
             .clone()
     }
-    fn info_fingerprint(&self, alias: &str) -> String {
+    pub(crate) fn info_fingerprint(&self, alias: &str) -> String {
         let (ok, out, err) = self.run(&["image", "info", &format!("imgsrv:{alias}")]);
         assert!(ok, "image info {alias} failed: {err}");
         assert!(!err.contains("More than one match"), "{err}");
@@ -171,7 +191,7 @@ impl Client {
     }
 }
 
-fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     let st = Command::new("openssl")
         .args([
@@ -390,54 +410,157 @@ fn incus_lists_describes_and_exports_published_images() {
     assert!(std::fs::metadata(format!("/proc/{}", s.pid())).is_ok());
 }
 
-/// A local `incusd` (package `incus`) started with a private INCUS_DIR, if this machine can run
-/// it (root, no other daemon on that directory). Killed on drop.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: std::process::Child,
+/// The imgsrv API over TLS, driven with curl (the test harness speaks plain HTTP only), for
+/// tests that keep one TLS server running while they publish and move aliases.
+pub(crate) struct TlsApi {
+    pub base: String,
+    cert: PathBuf,
+    auth: String,
 }
 
-impl Daemon {
-    fn start() -> Option<Daemon> {
-        let bin = Path::new("/usr/libexec/incus/incusd");
-        if !bin.exists() {
-            let msg = "incusd (package incus) is not installed";
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{msg} in CI");
-            }
-            eprintln!("\n!!!!!!!! SKIPPING the incusd copy: {msg} !!!!!!!!\n");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new(bin)
-            .args(["--group", "root"])
-            .env("INCUS_DIR", dir.path())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .ok()?;
-        let d = Daemon { dir, child };
-        let ready = Command::new("incus")
-            .args(["admin", "waitready", "--timeout", "60"])
-            .env("INCUS_DIR", d.dir.path())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ready {
-            // Not fatal even in CI: the issue asks for the copy only where incusd can start.
-            eprintln!(
-                "\n!!!!!!!! SKIPPING the incusd copy: incusd did not become ready here !!!!!!!!\n"
-            );
-            return None;
-        }
-        Some(d)
+impl TlsApi {
+    /// Connects with a fresh content-writer token minted with the bootstrap token.
+    pub(crate) fn new(s: &Server, cert: &Path) -> TlsApi {
+        let mut api = TlsApi {
+            base: format!("https://{}", s.addr),
+            cert: cert.to_path_buf(),
+            auth: format!("Authorization: Bearer {}", s.bootstrap_token()),
+        };
+        let p = api.call(
+            "POST",
+            "/v1/auth/principals",
+            &json!({"kind": "service", "display_name": "ci"}),
+        );
+        let pid = p["id"].as_str().unwrap().to_string();
+        api.call(
+            "PUT",
+            &format!("/v1/auth/principals/{pid}/roles/content-writer"),
+            &Value::Null,
+        );
+        let t = api.call(
+            "POST",
+            &format!("/v1/auth/principals/{pid}/api-tokens"),
+            &json!({"name": "ci", "expires_at": "2099-01-01T00:00:00Z"}),
+        );
+        api.auth = format!("Authorization: Bearer {}", t["plaintext"].as_str().unwrap());
+        api
     }
-}
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn curl(&self, args: &[&str]) -> Value {
+        let out = Command::new("curl")
+            .args(["-fsS", "--cacert"])
+            .arg(&self.cert)
+            .args(["-H", &self.auth])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "curl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+
+    /// A JSON request (`Value::Null` sends no body); asserts a 2xx and returns the body.
+    pub(crate) fn call(&self, method: &str, path: &str, body: &Value) -> Value {
+        let url = format!("{}{path}", self.base);
+        if body.is_null() {
+            self.curl(&["-X", method, &url])
+        } else {
+            self.curl(&["-X", method, "-d", &body.to_string(), &url])
+        }
+    }
+
+    /// Uploads bytes in one part; returns their digest.
+    pub(crate) fn upload(&self, bytes: &[u8]) -> String {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), bytes).unwrap();
+        let d = sha256_digest(bytes);
+        let u = self.call(
+            "POST",
+            "/v1/uploads",
+            &json!({"expected_digest": d, "expected_size_bytes": bytes.len()}),
+        );
+        if u["state"] == "ready" {
+            return d;
+        }
+        let id = u["id"].as_str().unwrap();
+        let part = self.curl(&[
+            "-X",
+            "PUT",
+            "--data-binary",
+            &format!("@{}", file.path().display()),
+            &format!("{}/v1/uploads/{id}/parts/1", self.base),
+        ]);
+        let done = self.call(
+            "POST",
+            &format!("/v1/uploads/{id}/complete"),
+            &json!({"parts": [{"number": 1, "etag": part["etag"], "size_bytes": bytes.len()}]}),
+        );
+        assert_eq!(done["state"], "ready");
+        d
+    }
+
+    /// Creates the image if needed and publishes a version holding one artifact per entry
+    /// (format, primary bytes, incus.tar.xz bytes, incus requirements), all x86_64 `default`.
+    pub(crate) fn publish(
+        &self,
+        image: &str,
+        version: &str,
+        artifacts: &[(&str, &[u8], &[u8], Value)],
+    ) {
+        let _ = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "--cacert"])
+            .arg(&self.cert)
+            .args(["-H", &self.auth, "-d", &json!({"name": image}).to_string()])
+            .arg(format!("{}/v1/images", self.base))
+            .status();
+        self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions"),
+            &json!({"version": version}),
+        );
+        let v = format!("/v1/images/{image}/versions/{version}");
+        for (format, primary, meta, requirements) in artifacts {
+            let d = self.upload(primary);
+            let mut body = json!({"operating_system": "busybox", "architecture": "x86_64", "format": format,
+                "primary_blob_digest": d, "primary_blob_size_bytes": primary.len(),
+                "primary_media_type": if *format == "squashfs" { "application/vnd.squashfs" } else { "application/x-qemu-disk" }});
+            if !requirements.is_null() {
+                body["incus_requirements"] = requirements.clone();
+            }
+            let a = self.call("POST", &format!("{v}/artifacts"), &body);
+            let aid = a["id"].as_str().unwrap();
+            let m = self.upload(meta);
+            self.call(
+                "POST",
+                &format!("{v}/artifacts/{aid}/attachments"),
+                &json!({"name": "incus.tar.xz", "media_type": "application/x-xz", "blob_digest": m, "blob_size_bytes": meta.len()}),
+            );
+        }
+        let job = self.call("POST", &format!("{v}/publish"), &Value::Null);
+        let job_id = job["id"].as_str().unwrap().to_string();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let j = self.call("GET", &format!("/v1/publish-jobs/{job_id}"), &Value::Null);
+            if j["state"] == "succeeded" {
+                return;
+            }
+            assert!(
+                j["state"] != "failed" && std::time::Instant::now() < deadline,
+                "publish did not succeed: {j}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    pub(crate) fn put_alias(&self, image: &str, alias: &str, version: &str) {
+        self.call(
+            "PUT",
+            &format!("/v1/images/{image}/aliases/{alias}"),
+            &json!({"version": version}),
+        );
     }
 }
 
@@ -446,11 +569,12 @@ fn incusd_copies_a_published_image_and_stores_its_fingerprint() {
     if !(require_tool("incus")
         && require_tool("qemu-img")
         && require_tool("xz")
-        && require_tool("openssl"))
+        && require_tool("openssl")
+        && require_tool("curl"))
     {
         return;
     }
-    let Some(daemon) = Daemon::start() else {
+    let Some(daemon) = crate::incusd::Daemon::start() else {
         return;
     };
     let work = tempfile::tempdir().unwrap();
@@ -462,130 +586,17 @@ fn incusd_copies_a_published_image_and_stores_its_fingerprint() {
         "--tls-key",
         &key.display().to_string(),
     ]);
-    // Publish over TLS with curl (the test harness speaks plain HTTP only).
-    let admin = s.bootstrap_token();
-    let curl = |args: &[&str]| -> Value {
-        let out = Command::new("curl")
-            .args(["-fsS", "--cacert"])
-            .arg(&cert)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "curl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
-    };
-    let base = format!("https://{}", s.addr);
-    let auth = format!("Authorization: Bearer {admin}");
-    let p = curl(&[
-        "-H",
-        &auth,
-        "-d",
-        r#"{"kind":"service","display_name":"ci"}"#,
-        &format!("{base}/v1/auth/principals"),
-    ]);
-    let pid = p["id"].as_str().unwrap();
-    curl(&[
-        "-H",
-        &auth,
-        "-X",
-        "PUT",
-        &format!("{base}/v1/auth/principals/{pid}/roles/content-writer"),
-    ]);
-    let t = curl(&[
-        "-H",
-        &auth,
-        "-d",
-        r#"{"name":"ci","expires_at":"2099-01-01T00:00:00Z"}"#,
-        &format!("{base}/v1/auth/principals/{pid}/api-tokens"),
-    ]);
-    let auth = format!("Authorization: Bearer {}", t["plaintext"].as_str().unwrap());
-    let mut digests = Vec::new();
-    for (name, bytes) in [("disk", &f.disk), ("meta", &f.meta)] {
-        let path = work.path().join(name);
-        std::fs::write(&path, bytes).unwrap();
-        let d = sha256_digest(bytes);
-        let u = curl(&[
-            "-H",
-            &auth,
-            "-d",
-            &json!({"expected_digest": d, "expected_size_bytes": bytes.len()}).to_string(),
-            &format!("{base}/v1/uploads"),
-        ]);
-        let id = u["id"].as_str().unwrap();
-        let part = curl(&[
-            "-H",
-            &auth,
-            "-X",
-            "PUT",
-            "--data-binary",
-            &format!("@{}", path.display()),
-            &format!("{base}/v1/uploads/{id}/parts/1"),
-        ]);
-        let done = curl(&[
-            "-H",
-            &auth,
-            "-d",
-            &json!({"parts": [{"number": 1, "etag": part["etag"], "size_bytes": bytes.len()}]})
-                .to_string(),
-            &format!("{base}/v1/uploads/{id}/complete"),
-        ]);
-        assert_eq!(done["state"], "ready");
-        digests.push(d);
-    }
-    let img = "copytest";
-    curl(&[
-        "-H",
-        &auth,
-        "-d",
-        r#"{"name":"copytest"}"#,
-        &format!("{base}/v1/images"),
-    ]);
-    curl(&[
-        "-H",
-        &auth,
-        "-d",
-        r#"{"version":"1.0"}"#,
-        &format!("{base}/v1/images/{img}/versions"),
-    ]);
-    let v = format!("{base}/v1/images/{img}/versions/1.0");
-    let a = curl(&["-H", &auth, "-d", &json!({"operating_system": "debian", "architecture": "x86_64", "format": "qcow2", "primary_blob_digest": digests[0], "primary_blob_size_bytes": f.disk.len(), "primary_media_type": "application/octet-stream"}).to_string(), &format!("{v}/artifacts")]);
-    let aid = a["id"].as_str().unwrap();
-    curl(&["-H", &auth, "-d", &json!({"name": "incus.tar.xz", "media_type": "application/x-xz", "blob_digest": digests[1], "blob_size_bytes": f.meta.len()}).to_string(), &format!("{v}/artifacts/{aid}/attachments")]);
-    let job = curl(&["-H", &auth, "-X", "POST", &format!("{v}/publish")]);
-    let job_id = job["id"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while curl(&["-H", &auth, &format!("{base}/v1/publish-jobs/{job_id}")])["state"] != "succeeded"
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "publish did not finish"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-
-    let c = Client::new(&s, &cert);
-    let out = Command::new("incus")
-        .args(["image", "copy", &format!("imgsrv:{img}/1.0"), "local:"])
-        .env("INCUS_CONF", c.conf())
-        .env("INCUS_DIR", daemon.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "image copy: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let api = TlsApi::new(&s, &cert);
+    api.publish(
+        "copytest",
+        "1.0",
+        &[("qcow2", &f.disk, &f.meta, Value::Null)],
     );
-    let listed = Command::new("incus")
-        .args(["image", "list", "local:", "--format", "json"])
-        .env("INCUS_CONF", c.conf())
-        .env("INCUS_DIR", daemon.dir.path())
-        .output()
-        .unwrap();
-    let list: Value = serde_json::from_slice(&listed.stdout).unwrap();
+
+    let c = Client::with_daemon(&s, &cert, &daemon);
+    c.ok(&["image", "copy", "imgsrv:copytest/1.0", "local:"]);
+    let list: Value =
+        serde_json::from_str(&c.ok(&["image", "list", "local:", "--format", "json"])).unwrap();
     let stored: Vec<&str> = list
         .as_array()
         .unwrap()
@@ -597,4 +608,5 @@ fn incusd_copies_a_published_image_and_stores_its_fingerprint() {
         vec![fingerprint(&f).as_str()],
         "the daemon stored the image under its fingerprint"
     );
+    daemon.shutdown();
 }

@@ -474,3 +474,167 @@ fn unknown_architectures_are_left_out_and_logged_once_per_render() {
     assert_eq!(product_keys(&s), ["img:1.0:amd64:default"]);
     assert_eq!(warned(2), 2, "{}", s.log_text());
 }
+
+/// Adds one x86_64 `default` artifact with an `incus.tar.xz` attachment to a draft.
+fn add_incus_artifact(
+    s: &Server,
+    token: &str,
+    version: &str,
+    format: &str,
+    primary: &[u8],
+    meta: &[u8],
+    requirements: Value,
+) {
+    let d = s.upload(token, primary);
+    let mut body = json!({"operating_system": "debian", "architecture": "x86_64", "format": format,
+                          "primary_blob_digest": d, "primary_blob_size_bytes": primary.len(),
+                          "primary_media_type": "application/octet-stream"});
+    if !requirements.is_null() {
+        body["incus_requirements"] = requirements;
+    }
+    let v = format!("/v1/images/uni/versions/{version}");
+    let r = s.call("POST", &format!("{v}/artifacts"), token, &body);
+    assert_eq!(r.status, 201, "{}", r.text());
+    let aid = r.json()["id"].as_str().unwrap().to_string();
+    let m = s.upload(token, meta);
+    let r = s.call(
+        "POST",
+        &format!("{v}/artifacts/{aid}/attachments"),
+        token,
+        &json!({"name": "incus.tar.xz", "media_type": "application/x-xz",
+                "blob_digest": m, "blob_size_bytes": meta.len()}),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+}
+
+#[test]
+fn a_unified_version_is_one_product_with_both_images() {
+    let s = Server::start();
+    let w = s.writer_token();
+    let (disk, root, meta) = (bytes(5000, 1), bytes(3000, 2), bytes(300, 3));
+    draft(&s, &w, "uni", "1.0", &[]);
+    add_incus_artifact(
+        &s,
+        &w,
+        "1.0",
+        "qcow2",
+        &disk,
+        &meta,
+        json!({"secureboot": "false"}),
+    );
+    add_incus_artifact(&s, &w, "1.0", "squashfs", &root, &meta, Value::Null);
+    publish(&s, &w, "uni", "1.0");
+    let (images, _) = fetch(&s, IMAGES);
+    let p = &images["products"]["uni:1.0:amd64:default"];
+    assert_eq!(p["requirements"], json!({"secureboot": "false"}));
+    let items = p["versions"].as_object().unwrap().values().next().unwrap()["items"].clone();
+    let combined = |primary: &[u8]| {
+        let mut both = meta.clone();
+        both.extend_from_slice(primary);
+        sha256_hex(&both)
+    };
+    assert_eq!(
+        items["incus.tar.xz"]["combined_disk-kvm-img_sha256"],
+        combined(&disk)
+    );
+    assert_eq!(
+        items["incus.tar.xz"]["combined_squashfs_sha256"],
+        combined(&root)
+    );
+    assert_eq!(items["root.squashfs"]["ftype"], "squashfs");
+    // Every item path downloads the listed bytes, under a real file name.
+    for (name, want) in [
+        ("disk-kvm.img", &disk),
+        ("root.squashfs", &root),
+        ("incus.tar.xz", &meta),
+    ] {
+        let path = items[name]["path"].as_str().unwrap();
+        let r = s.get(&format!("/{path}"));
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(&r.body, want, "{path}");
+        assert_eq!(items[name]["sha256"], sha256_hex(want));
+    }
+    assert!(
+        items["root.squashfs"]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("/download/rootfs.squashfs")
+    );
+}
+
+#[test]
+fn a_unified_version_needs_one_metadata_file_and_agreeing_requirements() {
+    let s = Server::start();
+    let w = s.writer_token();
+    let (disk, root) = (bytes(5000, 1), bytes(3000, 2));
+    draft(&s, &w, "uni", "1.0", &[]);
+    add_incus_artifact(&s, &w, "1.0", "qcow2", &disk, b"meta one", Value::Null);
+    add_incus_artifact(&s, &w, "1.0", "squashfs", &root, b"meta two", Value::Null);
+    let r = s.call(
+        "POST",
+        "/v1/images/uni/versions/1.0/publish",
+        &w,
+        &Value::Null,
+    );
+    r.assert_problem(412, "carry different incus.tar.xz bytes");
+    assert_eq!(
+        s.get("/v1/images/uni/versions/1.0").json()["version"]["state"],
+        "draft",
+        "the version stays a draft"
+    );
+
+    draft(&s, &w, "uni", "2.0", &[]);
+    add_incus_artifact(
+        &s,
+        &w,
+        "2.0",
+        "qcow2",
+        &disk,
+        b"meta",
+        json!({"secureboot": "false"}),
+    );
+    add_incus_artifact(
+        &s,
+        &w,
+        "2.0",
+        "squashfs",
+        &root,
+        b"meta",
+        json!({"secureboot": "true"}),
+    );
+    let r = s.call(
+        "POST",
+        "/v1/images/uni/versions/2.0/publish",
+        &w,
+        &Value::Null,
+    );
+    r.assert_problem(412, "secureboot");
+
+    // Requirements belong to the formats Incus lists, and must be plain short text.
+    let d = s.upload(&w, &disk);
+    for (format, req, detail) in [
+        (
+            "raw",
+            json!({"secureboot": "false"}),
+            "only accepted on qcow2 and squashfs",
+        ),
+        ("qcow2", json!({"bad/name": "x"}), "incus requirement name"),
+        ("qcow2", json!({"secureboot": ""}), "printable ASCII"),
+        (
+            "qcow2",
+            json!({"secureboot": false}),
+            "invalid JSON request body",
+        ),
+    ] {
+        let r = s.call(
+            "POST",
+            "/v1/images/uni/versions/2.0/artifacts",
+            &w,
+            &json!({"operating_system": "other", "architecture": "x86_64", "format": format,
+                    "primary_blob_digest": d, "primary_blob_size_bytes": disk.len(),
+                    "primary_media_type": "application/octet-stream",
+                    "incus_requirements": req}),
+        );
+        r.assert_problem(400, detail);
+    }
+}

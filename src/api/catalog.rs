@@ -32,6 +32,7 @@ struct AddArtifactRequest {
     #[serde(deserialize_with = "super::integer")]
     primary_blob_size_bytes: i64,
     primary_media_type: String,
+    incus_requirements: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -159,6 +160,7 @@ pub fn add_artifact(app: &App, req: &mut Request, name: &str, version: &str) -> 
                 primary_blob_digest: b.primary_blob_digest,
                 primary_blob_size_bytes: b.primary_blob_size_bytes,
                 primary_media_type: b.primary_media_type,
+                incus_requirements: b.incus_requirements,
             },
         )
         .map_err(err)?;

@@ -125,7 +125,7 @@ pub fn artifact(
         .artifact_for_download(name, version, id, Timestamp::now())
         .map_err(err)?;
     let a = super::retention::served(name, found)?;
-    let canonical = format!("disk.{}", a.format);
+    let canonical = validate::artifact_file_name(&a.format);
     check_filename(filename, &canonical)?;
     let (key, record) = load_blob(app, &a.primary_blob_digest)?;
     let rep = Representation {

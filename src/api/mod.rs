@@ -7,6 +7,7 @@ mod auth;
 mod cache;
 mod catalog;
 mod downloads;
+mod page;
 mod publish;
 mod retention;
 mod streams;
@@ -36,6 +37,9 @@ pub struct App {
     pub ready: AtomicBool,
     /// The Simple Streams documents and the catalog generation they were rendered at.
     pub streams_cache: std::sync::Mutex<Option<(u64, Arc<crate::streams::Rendered>)>>,
+    /// Whether this server terminates TLS itself (the catalog page's commands then say
+    /// `https://`).
+    pub tls: bool,
 }
 
 /// The OpenAPI document served at `/openapi/v1.yaml`, compiled into the binary.
@@ -53,6 +57,7 @@ fn err(e: Error) -> Response {
 
 /// The routes. Path parameters are percent-decoded single segments.
 enum Route {
+    Page,
     Healthz,
     Readyz,
     OpenApi,
@@ -91,6 +96,9 @@ enum Route {
 }
 
 fn parse_route(path: &str) -> Option<Route> {
+    if path == "/" {
+        return Some(Route::Page);
+    }
     let rest = path.strip_prefix('/')?;
     let raw: Vec<&str> = rest.split('/').collect();
     let mut segs = Vec::with_capacity(raw.len());
@@ -268,6 +276,7 @@ pub fn handle(app: &App, req: &mut Request) -> Response {
 fn dispatch(app: &App, req: &mut Request, route: Route, method: &str) -> HandlerResult {
     use Route::*;
     match (route, method) {
+        (Page, _) => Ok(page::serve(app, req)),
         (Healthz, _) => Ok(Response::no_content()),
         // Ready means able to take writes too: not starting or stopping, the database open
         // for writing (not recovering, not read-only) and room left beyond the disk reserve.
@@ -453,6 +462,7 @@ pub fn route_template(path: &str) -> &'static str {
         return "unmatched";
     };
     match route {
+        Page => "/",
         Healthz => "/healthz",
         Readyz => "/readyz",
         OpenApi => "/openapi/v1.yaml",

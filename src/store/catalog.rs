@@ -264,6 +264,7 @@ pub struct NewArtifact {
     pub primary_blob_digest: String,
     pub primary_blob_size_bytes: i64,
     pub primary_media_type: String,
+    pub incus_requirements: std::collections::BTreeMap<String, String>,
 }
 
 /// What a caller asks for when adding an attachment.
@@ -272,6 +273,37 @@ pub struct NewAttachment {
     pub media_type: String,
     pub blob_digest: String,
     pub blob_size_bytes: i64,
+}
+
+/// Incus requirements only mean something on the formats Simple Streams lists, and they end up
+/// as Incus image properties, so keys follow the token pattern and values are short plain text.
+fn check_incus_requirements(
+    format: &str,
+    requirements: &std::collections::BTreeMap<String, String>,
+) -> Result<()> {
+    if requirements.is_empty() {
+        return Ok(());
+    }
+    if !crate::store::streams::incus_format(format) {
+        return Err(invalid(format!(
+            "incus requirements are only accepted on qcow2 and squashfs artifacts, not {format:?}"
+        )));
+    }
+    if requirements.len() > validate::MAX_INCUS_REQUIREMENTS {
+        return Err(invalid(format!(
+            "at most {} incus requirements are accepted",
+            validate::MAX_INCUS_REQUIREMENTS
+        )));
+    }
+    for (k, v) in requirements {
+        check_token("incus requirement name", k)?;
+        if !validate::incus_requirement_value(v) {
+            return Err(invalid(format!(
+                "incus requirement {k:?} must be 1 to 128 printable ASCII characters"
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn digest_key(d: &str) -> Result<[u8; 32]> {
@@ -458,6 +490,7 @@ impl Store {
         if !validate::non_blank(&a.primary_media_type) {
             return Err(invalid("primary media type is required".into()));
         }
+        check_incus_requirements(&a.format, &a.incus_requirements)?;
         begin_write_scope(self, |txn| {
             let (_, mut v) = image_version(txn, name, version)?;
             require_draft(&v)?;
@@ -485,6 +518,7 @@ impl Store {
                 primary_blob_digest: a.primary_blob_digest.clone(),
                 primary_blob_size_bytes: a.primary_blob_size_bytes,
                 primary_media_type: a.primary_media_type.clone(),
+                incus_requirements: a.incus_requirements.clone(),
                 created_at: now,
                 updated_at: now,
             };

@@ -2,20 +2,23 @@
 //!
 //! State changes happen in short durable transactions: claiming a step, recording its outcome,
 //! and `finalize_publish`, which flips the version to `published`, stores `published_at` and
-//! the Simple Streams rows in one transaction (Decision 5). A crash leaves a job whose running
+//! the Simple Streams rows in one transaction. A crash leaves a job whose running
 //! step is re-claimed at the next start (incrementing `attempt_count`), never a half-published
 //! version.
 
 use super::blobs;
 use super::catalog::{CatalogRead, check_image_name, check_version};
+use super::streams::{INCUS_DISK_FORMAT, INCUS_METADATA_NAME, INCUS_ROOTFS_FORMAT, incus_format};
 use super::tables::*;
 use super::{Store, begin_write_scope, bump_generation, encode, load, save};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::*;
+use crate::streams::incus_arch;
 use crate::validate;
 use redb::{ReadableTable, WriteTransaction};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
 use uuid::Uuid;
 
 fn publish_invalid(e: Error) -> Error {
@@ -76,25 +79,74 @@ fn check_blobs(
     Ok(())
 }
 
-/// The artifacts Simple Streams can list: qcow2 with an attachment named `incus.tar.xz`.
+/// The artifacts Simple Streams can list: qcow2 or squashfs with an attachment named
+/// `incus.tar.xz`.
 pub(crate) fn incus_eligible(
     r: &impl CatalogRead,
     version_id: Uuid,
 ) -> Result<Vec<(Artifact, Attachment)>> {
     let mut out = Vec::new();
     for a in r.artifacts_of(version_id)? {
-        if a.format != "qcow2" {
+        if !incus_format(&a.format) {
             continue;
         }
         if let Some(att) = r
             .attachments_of(a.id)?
             .into_iter()
-            .find(|x| x.name == "incus.tar.xz")
+            .find(|x| x.name == INCUS_METADATA_NAME)
         {
             out.push((a, att));
         }
     }
     Ok(out)
+}
+
+/// The rules for a version whose VM disk and container root file system land in one Simple
+/// Streams product (same Incus architecture and variant). A product version has one metadata
+/// item, so both artifacts must carry the same `incus.tar.xz` bytes, and one set of
+/// requirements, so theirs must not contradict each other.
+fn check_incus_products(r: &impl CatalogRead, version_id: Uuid) -> Result<()> {
+    let mut products: BTreeMap<(String, String), Vec<(Artifact, Attachment)>> = BTreeMap::new();
+    for (a, att) in incus_eligible(r, version_id)? {
+        let arch = incus_arch(&a.architecture)
+            .map(str::to_string)
+            .unwrap_or_else(|| a.architecture.clone());
+        products
+            .entry((arch, a.variant.clone()))
+            .or_default()
+            .push((a, att));
+    }
+    for ((arch, variant), members) in &products {
+        let Some(vm) = members.iter().find(|(a, _)| a.format == INCUS_DISK_FORMAT) else {
+            continue;
+        };
+        let Some(ct) = members
+            .iter()
+            .find(|(a, _)| a.format == INCUS_ROOTFS_FORMAT)
+        else {
+            continue;
+        };
+        if vm.1.blob_digest != ct.1.blob_digest {
+            return Err(Error::precondition(format!(
+                "published image_versions require one incus.tar.xz per Incus product: the qcow2 \
+                 and squashfs artifacts of architecture {arch} variant {variant} carry different \
+                 incus.tar.xz bytes ({} and {}); attach the same file to both",
+                vm.1.blob_digest, ct.1.blob_digest
+            )));
+        }
+        for (k, v) in &vm.0.incus_requirements {
+            if let Some(other) = ct.0.incus_requirements.get(k)
+                && other != v
+            {
+                return Err(Error::precondition(format!(
+                    "published image_versions require agreeing incus requirements per Incus \
+                     product: architecture {arch} variant {variant} asks for {k}={v:?} on the \
+                     qcow2 artifact and {k}={other:?} on the squashfs artifact"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn new_job(version: &ImageVersion, image_name: &str) -> PublishJob {
@@ -164,6 +216,7 @@ impl Store {
                 return Ok((load_job(txn, Uuid::from_u128(job_id))?, false));
             }
             check_blobs(txn, &txn.open_table(BLOBS)?, v.id)?;
+            check_incus_products(txn, v.id)?;
             v.state = VersionState::Publishing;
             v.updated_at = Timestamp::now();
             save(&mut txn.open_table(VERSIONS)?, v.id.as_u128(), &v)?;
@@ -293,12 +346,13 @@ impl Store {
         })
     }
 
-    /// The `validate_catalog` step: re-runs publish's CAS checks.
+    /// The `validate_catalog` step: re-runs publish's checks.
     pub fn validate_for_publish(&self, id: Uuid) -> Result<()> {
         let txn = self.begin_read()?;
         let job: PublishJob = load(&txn.open_table(JOBS)?, id.as_u128(), "publish job")?
             .ok_or_else(|| job_not_found(id))?;
-        check_blobs(&txn, &txn.open_table(BLOBS)?, job.version_id)
+        check_blobs(&txn, &txn.open_table(BLOBS)?, job.version_id)?;
+        check_incus_products(&txn, job.version_id)
     }
 
     /// The `incus_index` step: computes, once per (metadata, disk) digest pair, the sha256 of

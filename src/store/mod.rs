@@ -14,6 +14,7 @@ pub mod catalog;
 pub mod chunks;
 pub mod handle;
 pub mod jobs;
+pub mod listing;
 mod migrate;
 pub mod retention;
 pub mod retire;

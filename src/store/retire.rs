@@ -476,6 +476,7 @@ mod tests {
                         primary_blob_digest: digest.clone(),
                         primary_blob_size_bytes: 0,
                         primary_media_type: "application/octet-stream".into(),
+                        incus_requirements: Default::default(),
                     },
                 )
                 .unwrap();

@@ -19,6 +19,13 @@ use uuid::Uuid;
 
 /// The artifact format Incus can boot as a VM disk (`disk-kvm.img`).
 pub const INCUS_DISK_FORMAT: &str = "qcow2";
+/// The artifact format Incus unpacks as a container root file system (`squashfs`).
+pub const INCUS_ROOTFS_FORMAT: &str = "squashfs";
+
+/// Whether Simple Streams can list an artifact of this format (given its metadata tarball).
+pub fn incus_format(format: &str) -> bool {
+    format == INCUS_DISK_FORMAT || format == INCUS_ROOTFS_FORMAT
+}
 /// The attachment name that carries Incus's image metadata tarball.
 pub const INCUS_METADATA_NAME: &str = "incus.tar.xz";
 
@@ -46,7 +53,8 @@ pub struct SnapshotVersion {
     pub id: Uuid,
     pub version: String,
     pub published_at: Timestamp,
-    /// The eligible artifacts: qcow2 with an `incus.tar.xz` attachment and an Incus row.
+    /// The eligible artifacts: qcow2 or squashfs with an `incus.tar.xz` attachment and an
+    /// Incus row.
     pub artifacts: Vec<SnapshotArtifact>,
 }
 
@@ -64,7 +72,9 @@ pub struct SnapshotArtifact {
     pub architecture: String,
     pub operating_system: String,
     pub variant: String,
+    /// `qcow2` (a VM disk) or `squashfs` (a container root file system).
     pub format: String,
+    /// The primary blob: the disk or the root file system.
     pub disk_sha256: String,
     pub disk_size: i64,
     pub attachment_id: Uuid,
@@ -73,6 +83,7 @@ pub struct SnapshotArtifact {
     pub attachment_size: i64,
     /// sha256 of the attachment bytes followed by the disk bytes: the Incus fingerprint.
     pub combined_sha256: String,
+    pub incus_requirements: BTreeMap<String, String>,
 }
 
 fn hex_of(digest: &str) -> Result<String> {
@@ -128,9 +139,9 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
                     incus.attachment_id
                 ))
             })?;
-        // The eligibility rule of API.md section 9, applied again here so that the documents
-        // follow it whatever rows exist.
-        if artifact.format != INCUS_DISK_FORMAT || attachment.name != INCUS_METADATA_NAME {
+        // The eligibility rule, applied again here so that the documents follow it whatever
+        // rows exist.
+        if !incus_format(&artifact.format) || attachment.name != INCUS_METADATA_NAME {
             continue;
         }
         version.artifacts.push(SnapshotArtifact {
@@ -146,6 +157,7 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
             attachment_sha256: hex_of(&attachment.blob_digest)?,
             attachment_size: attachment.blob_size_bytes,
             combined_sha256: incus.combined_sha256,
+            incus_requirements: artifact.incus_requirements,
         });
     }
     for (image_id, version) in versions.into_values().flatten() {

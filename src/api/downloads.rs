@@ -3,7 +3,7 @@
 //! with `Content-Disposition` of Decision 6. Bytes stream from redb and every chunk is verified
 //! before it is sent.
 
-use super::{App, HandlerResult, err, uuid_param};
+use super::{App, HandlerResult, uuid_param};
 use crate::clock::Timestamp;
 use crate::http::{
     Body, RangeOutcome, Request, Response, if_range_allows, not_modified, parse_range, problem,
@@ -26,8 +26,7 @@ fn load_blob(app: &App, digest: &str) -> Result<([u8; 32], BlobRecord), Response
         .ok_or_else(|| Response::from(crate::error::Error::internal("stored digest is invalid")))?;
     let record = app
         .store
-        .blob(&key)
-        .map_err(err)?
+        .blob(&key)?
         .ok_or_else(|| problem(404, &format!("blob not found: {digest}")))?;
     Ok((key, record))
 }
@@ -122,8 +121,7 @@ pub fn artifact(
     // A retired version's files stay downloadable here for the grace period.
     let found = app
         .store
-        .artifact_for_download(name, version, id, Timestamp::now())
-        .map_err(err)?;
+        .artifact_for_download(name, version, id, Timestamp::now())?;
     let a = super::retention::served(name, found)?;
     let canonical = validate::artifact_file_name(&a.format);
     check_filename(filename, &canonical)?;
@@ -148,10 +146,9 @@ pub fn attachment(
 ) -> HandlerResult {
     let artifact = uuid_param(artifact, "artifact id")?;
     let attachment = uuid_param(attachment, "attachment id")?;
-    let found = app
-        .store
-        .attachment_for_download(name, version, artifact, attachment, Timestamp::now())
-        .map_err(err)?;
+    let found =
+        app.store
+            .attachment_for_download(name, version, artifact, attachment, Timestamp::now())?;
     let att = super::retention::served(name, found)?;
     check_filename(filename, &att.name)?;
     let (key, record) = load_blob(app, &att.blob_digest)?;

@@ -1,6 +1,6 @@
 //! `/v1/uploads`: begin, parts, complete, abort, get (API.md 4.1, Decisions 2 and 3).
 
-use super::{App, HandlerResult, Object, err, json_body, require, uuid_param};
+use super::{App, HandlerResult, Object, json_body, require, uuid_param};
 use crate::http::{Request, Response, problem};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use crate::store::chunks::CHUNK_SIZE;
@@ -64,24 +64,21 @@ pub fn begin(app: &App, req: &mut Request) -> HandlerResult {
     {
         return Err(upload_invalid("filename hint is required"));
     }
-    let (session, fresh) = app
-        .store
-        .begin_upload(
-            BeginUpload {
-                expected_digest: body.expected_digest,
-                expected_size_bytes: body.expected_size_bytes,
-                media_type_hint: body.media_type_hint,
-                filename_hint: body.filename_hint,
-            },
-            app.upload_ttl,
-        )
-        .map_err(err)?;
+    let (session, fresh) = app.store.begin_upload(
+        BeginUpload {
+            expected_digest: body.expected_digest,
+            expected_size_bytes: body.expected_size_bytes,
+            media_type_hint: body.media_type_hint,
+            filename_hint: body.filename_hint,
+        },
+        app.upload_ttl,
+    )?;
     Ok(Response::json(if fresh { 201 } else { 200 }, &session))
 }
 
 pub fn get(app: &App, id: &str) -> HandlerResult {
     let id = uuid_param(id, "upload id")?;
-    Ok(Response::json(200, &app.store.upload(id).map_err(err)?))
+    Ok(Response::json(200, &app.store.upload(id)?))
 }
 
 pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> HandlerResult {
@@ -102,10 +99,10 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
             &format!("part size must be at most {MAX_PART_SIZE} bytes"),
         ));
     }
-    app.store.check_accepts_parts(id).map_err(err)?;
+    app.store.check_accepts_parts(id)?;
     // Refuse with 507 before reading a byte when the part would eat into the disk reserve;
     // the claim holds its space against concurrent uploads until this part is stored.
-    let _claim = app.store.admit(length).map_err(err)?;
+    let _claim = app.store.admit(length)?;
 
     // Stream the body one chunk at a time: memory per request is one chunk buffer, and each
     // chunk is committed before the next byte is read from the socket.
@@ -120,10 +117,10 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
                 &format!("reading part body: {e} ({remaining} bytes missing)"),
             )
         })?;
-        writer.write_chunk(&buf[..want]).map_err(err)?;
+        writer.write_chunk(&buf[..want])?;
         remaining -= want as u64;
     }
-    let part = writer.finish().map_err(err)?;
+    let part = writer.finish()?;
     Ok(Response::json(200, &part))
 }
 
@@ -161,15 +158,12 @@ pub fn complete(app: &App, req: &mut Request, id: &str) -> HandlerResult {
             (n, p.etag, p.size_bytes)
         })
         .collect();
-    let session = app.store.complete_upload(id, &listed).map_err(err)?;
+    let session = app.store.complete_upload(id, &listed)?;
     Ok(Response::json(200, &session))
 }
 
 pub fn abort(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(id, "upload id")?;
-    Ok(Response::json(
-        200,
-        &app.store.abort_upload(id).map_err(err)?,
-    ))
+    Ok(Response::json(200, &app.store.abort_upload(id)?))
 }

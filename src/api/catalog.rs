@@ -1,10 +1,9 @@
 //! Images, versions, manifests, artifacts and attachments (API.md 4.2 and 4.3).
 
 use super::{App, HandlerResult, json_body, require, uuid_param};
-use crate::http::{Request, Response, problem};
+use crate::http::{Request, Response};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use crate::store::catalog::{NewArtifact, NewAttachment};
-use crate::validate;
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize, Default)]
@@ -21,30 +20,6 @@ struct CreateVersionRequest {
     version: String,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct AddArtifactRequest {
-    variant: String,
-    operating_system: String,
-    architecture: String,
-    format: String,
-    primary_blob_digest: String,
-    #[serde(deserialize_with = "super::integer")]
-    primary_blob_size_bytes: i64,
-    primary_media_type: String,
-    incus_requirements: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct AddAttachmentRequest {
-    name: String,
-    media_type: String,
-    blob_digest: String,
-    #[serde(deserialize_with = "super::integer")]
-    blob_size_bytes: i64,
-}
-
 #[derive(Serialize)]
 struct Images<T> {
     images: Vec<T>,
@@ -56,13 +31,6 @@ struct Versions<T> {
 #[derive(Serialize)]
 struct Artifacts<T> {
     artifacts: Vec<T>,
-}
-
-fn digest_invalid(kind: &str) -> Response {
-    problem(
-        400,
-        &format!("{kind} invalid input: digest must match sha256:<64 lowercase hex chars>"),
-    )
 }
 
 pub fn create_image(app: &App, req: &mut Request) -> HandlerResult {
@@ -136,25 +104,11 @@ pub fn get_artifact(app: &App, name: &str, version: &str, artifact: &str) -> Han
 
 pub fn add_artifact(app: &App, req: &mut Request, name: &str, version: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
-    let b: AddArtifactRequest = json_body(req)?;
-    if !validate::digest(&b.primary_blob_digest) {
-        return Err(digest_invalid("catalog"));
-    }
-    let a = app.store.add_artifact(
-        name,
-        version,
-        NewArtifact {
-            variant: b.variant,
-            operating_system: b.operating_system,
-            architecture: b.architecture,
-            format: b.format,
-            primary_blob_digest: b.primary_blob_digest,
-            primary_blob_size_bytes: b.primary_blob_size_bytes,
-            primary_media_type: b.primary_media_type,
-            incus_requirements: b.incus_requirements,
-        },
-    )?;
-    Ok(Response::json(201, &a))
+    let new: NewArtifact = json_body(req)?;
+    Ok(Response::json(
+        201,
+        &app.store.add_artifact(name, version, new)?,
+    ))
 }
 
 pub fn delete_artifact(
@@ -179,22 +133,11 @@ pub fn add_attachment(
 ) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(artifact, "artifact id")?;
-    let b: AddAttachmentRequest = json_body(req)?;
-    if !validate::digest(&b.blob_digest) {
-        return Err(digest_invalid("catalog"));
-    }
-    let att = app.store.add_attachment(
-        name,
-        version,
-        id,
-        NewAttachment {
-            name: b.name,
-            media_type: b.media_type,
-            blob_digest: b.blob_digest,
-            blob_size_bytes: b.blob_size_bytes,
-        },
-    )?;
-    Ok(Response::json(201, &att))
+    let new: NewAttachment = json_body(req)?;
+    Ok(Response::json(
+        201,
+        &app.store.add_attachment(name, version, id, new)?,
+    ))
 }
 
 pub fn delete_attachment(

@@ -139,37 +139,6 @@ impl<'de, T: DeserializeOwned> Deserialize<'de> for Object<T> {
     }
 }
 
-/// Decodes an integer member of a request body. JSON has one number type, and JSON Schema's
-/// `integer` includes integral values written with a fraction or an exponent (`473.0`, `4.73e2`),
-/// which clients and generators emit; they are accepted as that integer. A non-integral number
-/// (`473.5`) or one outside `i64` stays a wrong type (400). Use it on every integer member of a
-/// request struct: `#[serde(deserialize_with = "super::integer")]`.
-pub(crate) fn integer<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
-    struct Integer;
-    impl serde::de::Visitor<'_> for Integer {
-        type Value = i64;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("an integer")
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
-            Ok(v)
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
-            i64::try_from(v)
-                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
-        }
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
-            // 2^63 is exactly representable; every integral f64 below it fits in an i64.
-            if v.fract() == 0.0 && v >= i64::MIN as f64 && v < 9_223_372_036_854_775_808.0 {
-                Ok(v as i64)
-            } else {
-                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
-            }
-        }
-    }
-    d.deserialize_any(Integer)
-}
-
 fn json_message(e: &serde_json::Error) -> String {
     let msg = e.to_string();
     if e.is_eof() && e.line() == 1 && e.column() == 0 {

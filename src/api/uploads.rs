@@ -5,27 +5,16 @@ use crate::http::{Request, Response, problem};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use crate::store::chunks::CHUNK_SIZE;
 use crate::store::uploads::{BeginUpload, MAX_PART_SIZE};
-use crate::validate;
 use serde::Deserialize;
 use std::io::Read;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-struct BeginUploadRequest {
-    expected_digest: String,
-    #[serde(deserialize_with = "super::integer")]
-    expected_size_bytes: i64,
-    media_type_hint: Option<String>,
-    filename_hint: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
 struct CompletePart {
-    #[serde(deserialize_with = "super::integer")]
+    #[serde(deserialize_with = "crate::model::integer")]
     number: i64,
     etag: String,
-    #[serde(deserialize_with = "super::integer")]
+    #[serde(deserialize_with = "crate::model::integer")]
     size_bytes: i64,
 }
 
@@ -35,44 +24,10 @@ struct CompleteUploadRequest {
     parts: Vec<Object<CompletePart>>,
 }
 
-fn upload_invalid(msg: &str) -> Response {
-    problem(400, &format!("upload invalid input: {msg}"))
-}
-
 pub fn begin(app: &App, req: &mut Request) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
-    let body: BeginUploadRequest = json_body(req)?;
-    if !validate::digest(&body.expected_digest) {
-        return Err(upload_invalid(
-            "digest must match sha256:<64 lowercase hex chars>",
-        ));
-    }
-    if body.expected_size_bytes < 0 {
-        return Err(upload_invalid("expected size must be non-negative"));
-    }
-    if body
-        .media_type_hint
-        .as_deref()
-        .is_some_and(|h| !validate::non_blank(h))
-    {
-        return Err(upload_invalid("media type hint is required"));
-    }
-    if body
-        .filename_hint
-        .as_deref()
-        .is_some_and(|h| !validate::non_blank(h))
-    {
-        return Err(upload_invalid("filename hint is required"));
-    }
-    let (session, fresh) = app.store.begin_upload(
-        BeginUpload {
-            expected_digest: body.expected_digest,
-            expected_size_bytes: body.expected_size_bytes,
-            media_type_hint: body.media_type_hint,
-            filename_hint: body.filename_hint,
-        },
-        app.upload_ttl,
-    )?;
+    let begin: BeginUpload = json_body(req)?;
+    let (session, fresh) = app.store.begin_upload(begin, app.upload_ttl)?;
     Ok(Response::json(if fresh { 201 } else { 200 }, &session))
 }
 

@@ -8,9 +8,10 @@ use super::chunks::{self, ChunkRef};
 use super::tables::{BLOB_REFS, BLOBS, CHUNK_SUMS, CHUNKS};
 use super::{Store, begin_write_scope};
 use crate::clock::Timestamp;
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use redb::{ReadOnlyTable, ReadableTable, WriteTransaction};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -181,7 +182,7 @@ impl Store {
                 Ok(false) => {}
                 Err(e) => crate::log::error(&format!(
                     "garbage collection skipped blob {}: {e}",
-                    crate::validate::digest_string(&digest)
+                    Digest::from(digest)
                 )),
             }
         }
@@ -266,7 +267,7 @@ impl BlobReader {
 
     fn fail(&self, what: &str) -> io::Error {
         VERIFY_FAILURES.fetch_add(1, Ordering::Relaxed);
-        let digest = crate::validate::digest_string(&self.digest);
+        let digest = Digest::from(self.digest);
         crate::log::error(&format!(
             "{what} while serving blob {digest}; download cut short"
         ));

@@ -8,10 +8,12 @@ use super::blobs;
 use super::tables::*;
 use super::{Store, begin_write_scope, bump_generation, decode, encode, load, save};
 use crate::clock::Timestamp;
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::validate;
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use serde::Deserialize;
 use uuid::Uuid;
 
 fn invalid(msg: String) -> Error {
@@ -255,23 +257,33 @@ fn touch_version(txn: &WriteTransaction, v: &mut ImageVersion) -> Result<()> {
     save(&mut txn.open_table(VERSIONS)?, v.id.as_u128(), v)
 }
 
-/// What a caller asks for when adding an artifact.
+/// What a caller asks for when adding an artifact: also the request body of
+/// `POST .../artifacts`. Members arrive as text and are checked by `add_artifact`, in the
+/// order docs/api.md section 4 gives, so each rule answers with its own message; a missing
+/// member is empty and fails its rule.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
 pub struct NewArtifact {
     pub variant: String,
     pub operating_system: String,
     pub architecture: String,
     pub format: String,
     pub primary_blob_digest: String,
+    #[serde(deserialize_with = "crate::model::integer")]
     pub primary_blob_size_bytes: i64,
     pub primary_media_type: String,
     pub incus_requirements: std::collections::BTreeMap<String, String>,
 }
 
-/// What a caller asks for when adding an attachment.
+/// What a caller asks for when adding an attachment: also the request body of
+/// `POST .../attachments`, checked by `add_attachment` like `NewArtifact`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
 pub struct NewAttachment {
     pub name: String,
     pub media_type: String,
     pub blob_digest: String,
+    #[serde(deserialize_with = "crate::model::integer")]
     pub blob_size_bytes: i64,
 }
 
@@ -306,9 +318,8 @@ fn check_incus_requirements(
     Ok(())
 }
 
-fn digest_key(d: &str) -> Result<[u8; 32]> {
-    validate::digest_bytes(d)
-        .ok_or_else(|| invalid("digest must match sha256:<64 lowercase hex chars>".to_string()))
+fn check_digest(d: &str) -> Result<Digest> {
+    Digest::parse(d).ok_or_else(|| invalid(validate::DIGEST_RULE.to_string()))
 }
 
 impl Store {
@@ -467,6 +478,8 @@ impl Store {
     }
 
     pub fn add_artifact(&self, name: &str, version: &str, a: NewArtifact) -> Result<Artifact> {
+        // The digest is the first rule the contract checks, before the path's names.
+        let digest = check_digest(&a.primary_blob_digest)?;
         check_image_name(name)?;
         check_version(version)?;
         let variant = if a.variant.is_empty() {
@@ -483,7 +496,6 @@ impl Store {
                 a.format
             )));
         }
-        let digest = digest_key(&a.primary_blob_digest)?;
         if a.primary_blob_size_bytes < 0 {
             return Err(invalid("primary blob size must be non-negative".into()));
         }
@@ -515,7 +527,7 @@ impl Store {
                 operating_system: a.operating_system.clone(),
                 architecture: a.architecture.clone(),
                 format: a.format.clone(),
-                primary_blob_digest: a.primary_blob_digest.clone(),
+                primary_blob_digest: digest,
                 primary_blob_size_bytes: a.primary_blob_size_bytes,
                 primary_media_type: a.primary_media_type.clone(),
                 incus_requirements: a.incus_requirements.clone(),
@@ -529,7 +541,7 @@ impl Store {
             )?;
             txn.open_table(VERSION_ARTIFACTS)?
                 .insert((v.id.as_u128(), artifact.id.as_u128()), ())?;
-            blobs::change_refs(txn, &digest, 1)?;
+            blobs::change_refs(txn, digest.as_bytes(), 1)?;
             touch_version(txn, &mut v)?;
             Ok(artifact)
         })
@@ -564,7 +576,7 @@ impl Store {
             txn.open_table(ARTIFACTS)?.remove(artifact.id.as_u128())?;
             txn.open_table(VERSION_ARTIFACTS)?
                 .remove((v.id.as_u128(), artifact.id.as_u128()))?;
-            blobs::change_refs(txn, &digest_key(&artifact.primary_blob_digest)?, -1)?;
+            blobs::change_refs(txn, artifact.primary_blob_digest.as_bytes(), -1)?;
             touch_version(txn, &mut v)
         })
     }
@@ -576,13 +588,13 @@ impl Store {
         artifact_id: Uuid,
         a: NewAttachment,
     ) -> Result<Attachment> {
+        let digest = check_digest(&a.blob_digest)?;
         check_image_name(name)?;
         check_version(version)?;
         check_token("attachment name", &a.name)?;
         if !validate::non_blank(&a.media_type) {
             return Err(invalid("media type is required".into()));
         }
-        let digest = digest_key(&a.blob_digest)?;
         if a.blob_size_bytes < 0 {
             return Err(invalid("blob size must be non-negative".into()));
         }
@@ -604,7 +616,7 @@ impl Store {
                 artifact_id: artifact.id,
                 name: a.name.clone(),
                 media_type: a.media_type.clone(),
-                blob_digest: a.blob_digest.clone(),
+                blob_digest: digest,
                 blob_size_bytes: a.blob_size_bytes,
                 created_at: now,
                 updated_at: now,
@@ -612,7 +624,7 @@ impl Store {
             save(&mut txn.open_table(ATTACHMENTS)?, att.id.as_u128(), &att)?;
             txn.open_table(ARTIFACT_ATTACHMENTS)?
                 .insert((artifact.id.as_u128(), att.id.as_u128()), ())?;
-            blobs::change_refs(txn, &digest, 1)?;
+            blobs::change_refs(txn, digest.as_bytes(), 1)?;
             touch_version(txn, &mut v)?;
             Ok(att)
         })
@@ -782,5 +794,5 @@ fn remove_attachment(txn: &WriteTransaction, att: &Attachment) -> Result<()> {
     txn.open_table(ATTACHMENTS)?.remove(att.id.as_u128())?;
     txn.open_table(ARTIFACT_ATTACHMENTS)?
         .remove((att.artifact_id.as_u128(), att.id.as_u128()))?;
-    blobs::change_refs(txn, &digest_key(&att.blob_digest)?, -1)
+    blobs::change_refs(txn, att.blob_digest.as_bytes(), -1)
 }

@@ -93,7 +93,7 @@ pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<
                 }
                 crate::log::warn(&format!(
                     "repaired a damaged chunk {} with freshly uploaded bytes",
-                    crate::validate::hex(&chunk.hash)
+                    crate::digest::Digest::from(chunk.hash)
                 ));
             }
         }

@@ -541,7 +541,7 @@ impl Store {
             )?;
             txn.open_table(VERSION_ARTIFACTS)?
                 .insert((v.id.as_u128(), artifact.id.as_u128()), ())?;
-            blobs::change_refs(txn, digest.as_bytes(), 1)?;
+            blobs::add_ref(txn, &digest)?;
             touch_version(txn, &mut v)?;
             Ok(artifact)
         })
@@ -576,7 +576,7 @@ impl Store {
             txn.open_table(ARTIFACTS)?.remove(artifact.id.as_u128())?;
             txn.open_table(VERSION_ARTIFACTS)?
                 .remove((v.id.as_u128(), artifact.id.as_u128()))?;
-            blobs::change_refs(txn, artifact.primary_blob_digest.as_bytes(), -1)?;
+            blobs::drop_ref(txn, &artifact.primary_blob_digest)?;
             touch_version(txn, &mut v)
         })
     }
@@ -624,7 +624,7 @@ impl Store {
             save(&mut txn.open_table(ATTACHMENTS)?, att.id.as_u128(), &att)?;
             txn.open_table(ARTIFACT_ATTACHMENTS)?
                 .insert((artifact.id.as_u128(), att.id.as_u128()), ())?;
-            blobs::change_refs(txn, digest.as_bytes(), 1)?;
+            blobs::add_ref(txn, &digest)?;
             touch_version(txn, &mut v)?;
             Ok(att)
         })
@@ -794,5 +794,5 @@ fn remove_attachment(txn: &WriteTransaction, att: &Attachment) -> Result<()> {
     txn.open_table(ATTACHMENTS)?.remove(att.id.as_u128())?;
     txn.open_table(ARTIFACT_ATTACHMENTS)?
         .remove((att.artifact_id.as_u128(), att.id.as_u128()))?;
-    blobs::change_refs(txn, att.blob_digest.as_bytes(), -1)
+    blobs::drop_ref(txn, &att.blob_digest)
 }

@@ -16,6 +16,7 @@ pub mod handle;
 pub mod jobs;
 pub mod listing;
 mod migrate;
+mod refcount;
 pub mod retention;
 pub mod retire;
 pub mod space;

@@ -413,12 +413,12 @@ fn purge_in(txn: &WriteTransaction, image: u128, version: &str, now: Timestamp) 
             txn.open_table(ATTACHMENTS)?.remove(att.id.as_u128())?;
             txn.open_table(ARTIFACT_ATTACHMENTS)?
                 .remove((artifact.id.as_u128(), att.id.as_u128()))?;
-            super::blobs::change_refs(txn, att.blob_digest.as_bytes(), -1)?;
+            super::blobs::drop_ref(txn, &att.blob_digest)?;
         }
         txn.open_table(ARTIFACTS)?.remove(artifact.id.as_u128())?;
         txn.open_table(VERSION_ARTIFACTS)?
             .remove((r.version_id.as_u128(), artifact.id.as_u128()))?;
-        super::blobs::change_refs(txn, artifact.primary_blob_digest.as_bytes(), -1)?;
+        super::blobs::drop_ref(txn, &artifact.primary_blob_digest)?;
     }
     // The version row goes too: its name lives on in the `RETIRED` record, and a version row
     // without a name key would be an orphan to every later reader.

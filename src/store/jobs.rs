@@ -7,7 +7,7 @@
 //! version.
 
 use super::blobs;
-use super::catalog::{CatalogRead, check_image_name, check_version};
+use super::read::CatalogRead;
 use super::streams::{INCUS_DISK_FORMAT, INCUS_METADATA_NAME, INCUS_ROOTFS_FORMAT, incus_format};
 use super::tables::*;
 use super::{Store, begin_write_scope, bump_generation, encode, load, save};
@@ -16,6 +16,7 @@ use crate::digest::{Digest, hex};
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::streams::incus_arch;
+use crate::validate::{check_image_name, check_version};
 use redb::{ReadableTable, WriteTransaction};
 use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;

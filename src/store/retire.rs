@@ -13,7 +13,7 @@
 //! A retired version's name stays reserved: creating it again is refused, so the content ever
 //! published under a name is the only content that name has named.
 
-use super::catalog::CatalogRead;
+use super::read::CatalogRead;
 use super::tables::*;
 use super::{Store, begin_write_scope, bump_generation, decode, encode};
 use crate::clock::Timestamp;
@@ -256,8 +256,8 @@ impl Store {
         by: Retirer,
         grace: Duration,
     ) -> Result<RetiredVersion> {
-        super::catalog::check_image_name(name)?;
-        super::catalog::check_version(version)?;
+        crate::validate::check_image_name(name)?;
+        crate::validate::check_version(version)?;
         let record = begin_write_scope(self, |txn| {
             let image = txn
                 .image_by_name(name)?

@@ -6,7 +6,7 @@
 //! `finalize_publish` writes them, with the combined checksums, in the same transaction that
 //! publishes the version, so rendering never opens a blob.
 
-use super::catalog::CatalogRead;
+use super::read::CatalogRead;
 use super::tables::*;
 use super::{Store, decode, load};
 use crate::clock::Timestamp;

@@ -63,9 +63,12 @@ fn create_image_shapes_and_conflicts() {
     // The longest legal name.
     json_ok(&create_image(&s, &w, json!({"name": "a".repeat(128)})), 201);
 
-    // Duplicate name: 409, naming the uniqueness rule; creation is not idempotent.
+    // Duplicate name: 409, naming the image; creation is not idempotent.
     let r = create_image(&s, &w, json!({"name": "debian-bookworm"}));
-    r.assert_problem(409, "catalog conflict: images_name_key");
+    r.assert_problem(
+        409,
+        "catalog conflict: image \"debian-bookworm\" already exists",
+    );
     assert_eq!(r.json()["title"], "Conflict");
 }
 
@@ -168,8 +171,10 @@ fn versions_create_and_list_newest_first() {
         ]
     );
     ts(&v["created_at"]);
-    create_version(&s, &w, "img", "12.5.0+build:1")
-        .assert_problem(409, "catalog conflict: image_versions_image_id_version_key");
+    create_version(&s, &w, "img", "12.5.0+build:1").assert_problem(
+        409,
+        "catalog conflict: version \"12.5.0+build:1\" of image \"img\" already exists",
+    );
 
     let pattern = "catalog invalid input: version must match ^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$";
     for bad in [
@@ -341,13 +346,20 @@ fn artifact_add_rules() {
 
     // Identity is (variant, os, arch, format): an empty variant is `default` too.
     for variant in [None, Some(""), Some("default")] {
-        s.call(
+        let r = s.call(
             "POST",
             base,
             &w,
             &artifact_body(variant, "debian", "x86_64", "qcow2"),
-        )
-        .assert_problem(409, "catalog conflict: release_artifacts_identity_key");
+        );
+        r.assert_problem(
+            409,
+            "catalog conflict: version \"1.0\" of image \"img\" already has artifact ",
+        );
+        r.assert_problem(
+            409,
+            "with variant \"default\", operating system \"debian\", architecture \"x86_64\" and format \"qcow2\"",
+        );
     }
     for (variant, os, arch, format) in [
         (None, "debian", "x86_64", "raw"),
@@ -505,11 +517,9 @@ fn attachment_add_rules() {
     ts(&att["updated_at"]);
 
     // The same name on the same artifact conflicts; on another artifact it does not.
-    s.call("POST", &path, &w, &attachment_body("incus.tar.xz"))
-        .assert_problem(
-            409,
-            "catalog conflict: artifact_attachments_artifact_id_name_key",
-        );
+    let r = s.call("POST", &path, &w, &attachment_body("incus.tar.xz"));
+    r.assert_problem(409, "catalog conflict: artifact ");
+    r.assert_problem(409, "already has an attachment named \"incus.tar.xz\"");
     let other = format!("/v1/images/img/versions/2.0/artifacts/{a2}/attachments");
     json_ok(
         &s.call("POST", &other, &w, &attachment_body("incus.tar.xz")),

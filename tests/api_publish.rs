@@ -276,7 +276,7 @@ fn publish_job_endpoints_need_content_write() {
 
     // GET is protected even though it is a read.
     let r = s.get(&format!("/v1/publish-jobs/{id}"));
-    r.assert_problem(401, "invalid bearer token");
+    r.assert_problem(401, "missing bearer token");
     assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"));
     let r = s.call("GET", &format!("/v1/publish-jobs/{id}"), &am, &Value::Null);
     r.assert_problem(403, "principal is not authorized for action content.write");
@@ -328,7 +328,7 @@ fn publish_job_endpoints_need_content_write() {
     );
     r.assert_problem(403, "content.write");
     let r = s.request("POST", &format!("/v1/publish-jobs/{id}/retry"), &[], b"");
-    r.assert_problem(401, "invalid bearer token");
+    r.assert_problem(401, "missing bearer token");
 }
 
 /// The `chunks` table as `store/tables.rs` defines it (sha256 of a chunk -> its bytes). The

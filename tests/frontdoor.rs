@@ -1151,7 +1151,7 @@ fn decided_answers_reach_a_waiting_client_at_once() {
     let cases: [(String, u64, u16, &str); 4] = [
         // One byte over the largest part, but under the front door's own limit: the API's 400.
         (id.clone(), 5 * gib + 1, 400, "part size must be at most"),
-        (id.clone(), 4 * gib, 401, "invalid bearer token"),
+        (id.clone(), 4 * gib, 401, "missing bearer token"),
         (unknown.to_string(), 4 * gib, 404, ""),
         // Over the front door's limit: its own 413.
         (id.clone(), 6 * gib, 413, "exceeds the limit"),

@@ -85,8 +85,13 @@ pub fn route_template(path: &str) -> &'static str {
 
 /// Authenticates the bearer token and checks the action. Runs before any validation.
 pub(crate) fn require(app: &App, req: &Request, action: &str) -> Result<Caller, Response> {
-    let unauthorized = || problem(401, "invalid bearer token").header("WWW-Authenticate", "Bearer");
-    let header = req.header("Authorization").ok_or_else(unauthorized)?;
+    let refuse = |detail| problem(401, detail).header("WWW-Authenticate", "Bearer");
+    let unauthorized = || refuse("invalid bearer token");
+    // A client that sent no credentials is told so: it is a different mistake from a token
+    // that is malformed, unknown, expired or revoked.
+    let header = req
+        .header("Authorization")
+        .ok_or_else(|| refuse("missing bearer token"))?;
     let mut fields = header.split_ascii_whitespace();
     let (Some(scheme), Some(token), None) = (fields.next(), fields.next(), fields.next()) else {
         return Err(unauthorized());

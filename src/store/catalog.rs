@@ -110,7 +110,9 @@ impl Store {
         begin_write_scope(self, |txn| {
             let mut names = txn.open_table(IMAGE_NAMES)?;
             if names.get(name)?.is_some() {
-                return Err(Error::conflict("catalog conflict: images_name_key"));
+                return Err(Error::conflict(format!(
+                    "catalog conflict: image {name:?} already exists"
+                )));
             }
             let now = Timestamp::now();
             let image = Image {
@@ -165,9 +167,9 @@ impl Store {
                 .image_by_name(name)?
                 .ok_or_else(|| image_not_found(name))?;
             if txn.version_of(&image, version)?.is_some() {
-                return Err(Error::conflict(
-                    "catalog conflict: image_versions_image_id_version_key",
-                ));
+                return Err(Error::conflict(format!(
+                    "catalog conflict: version {version:?} of image {name:?} already exists"
+                )));
             }
             super::retire::check_name_not_retired(txn, &image, version)?;
             let now = Timestamp::now();
@@ -289,9 +291,10 @@ impl Store {
                     &other.format,
                 ) == (&variant, &a.operating_system, &a.architecture, &a.format)
                 {
-                    return Err(Error::conflict(
-                        "catalog conflict: release_artifacts_identity_key",
-                    ));
+                    return Err(Error::conflict(format!(
+                        "catalog conflict: version {version:?} of image {name:?} already has artifact {} with variant {variant:?}, operating system {:?}, architecture {:?} and format {:?}",
+                        other.id, a.operating_system, a.architecture, a.format
+                    )));
                 }
             }
             let now = Timestamp::now();
@@ -381,9 +384,10 @@ impl Store {
                 .iter()
                 .any(|x| x.name == a.name)
             {
-                return Err(Error::conflict(
-                    "catalog conflict: artifact_attachments_artifact_id_name_key",
-                ));
+                return Err(Error::conflict(format!(
+                    "catalog conflict: artifact {} already has an attachment named {:?}",
+                    artifact.id, a.name
+                )));
             }
             let now = Timestamp::now();
             let att = Attachment {

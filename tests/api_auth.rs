@@ -334,7 +334,7 @@ fn reads_ignore_authorization() {
     let s = Server::start();
     let w = s.writer_token();
     let m = s.publish_image(&w, "img", "1.0", b"disk", b"meta");
-    let aid = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    let aid = m.artifact_id.as_str();
     let digest = sha256_digest(b"disk");
     for path in [
         "/v1/images".to_string(),

@@ -292,8 +292,8 @@ fn manifests_show_any_state_in_order() {
 
     // After publishing, the same endpoint shows the published state.
     let m = s.publish_image(&w, "pub", "1", b"d", b"m");
-    assert_eq!(m["version"]["state"], "published");
-    ts(&m["version"]["published_at"]);
+    assert_eq!(m.manifest["version"]["state"], "published");
+    ts(&m.manifest["version"]["published_at"]);
 }
 
 #[test]
@@ -596,7 +596,7 @@ fn attachment_add_rules() {
 
     // Not a draft any more: 412.
     let m = s.publish_image(&w, "img", "pub", b"disk", b"meta");
-    let pa = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    let pa = m.artifact_id.as_str();
     s.call(
         "POST",
         &format!("/v1/images/img/versions/pub/artifacts/{pa}/attachments"),
@@ -685,14 +685,17 @@ fn deletes_cascade_and_respect_state() {
 
     // A published manifest can delete nothing.
     let m = s.publish_image(&w, "img", "pub", b"disk", b"meta");
-    let pa = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
-    let pt = m["artifacts"][0]["attachments"][0]["id"].as_str().unwrap();
+    let pa = m.artifact_id.as_str();
+    let pt = m.attachment_id.as_str();
     let pbase = "/v1/images/img/versions/pub/artifacts";
     del(&format!("{pbase}/{pa}/attachments/{pt}"))
         .assert_problem(412, "version manifest can only change while draft");
     del(&format!("{pbase}/{pa}"))
         .assert_problem(412, "version manifest can only change while draft");
-    assert_eq!(json_ok(&s.get("/v1/images/img/versions/pub"), 200), m);
+    assert_eq!(
+        json_ok(&s.get("/v1/images/img/versions/pub"), 200),
+        m.manifest
+    );
 }
 
 #[test]
@@ -710,13 +713,13 @@ fn artifact_reads_see_published_versions_only() {
     let list = json_ok(&s.get("/v1/images/img/versions/1.0/artifacts"), 200);
     assert_eq!(keys(&list), ["artifacts"]);
     assert_eq!(list["artifacts"].as_array().unwrap().len(), 1);
-    assert_eq!(list["artifacts"][0], m["artifacts"][0]["artifact"]);
-    let aid = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    assert_eq!(list["artifacts"][0], m.manifest["artifacts"][0]["artifact"]);
+    let aid = m.artifact_id.as_str();
     let one = json_ok(
         &s.get(&format!("/v1/images/img/versions/1.0/artifacts/{aid}")),
         200,
     );
-    assert_eq!(one, m["artifacts"][0]["artifact"]);
+    assert_eq!(one, m.manifest["artifacts"][0]["artifact"]);
 
     s.get("/v1/images/img/versions/1.0/artifacts/nope")
         .assert_problem(400, "artifact id must be a UUID");
@@ -740,7 +743,7 @@ fn refs_resolve_versions_then_aliases() {
     json_ok(&create_version(&s, &w, "img", "3.0"), 201);
 
     // An exact published version.
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/1.0"), 200), v1);
+    assert_eq!(json_ok(&s.get("/v1/images/img/refs/1.0"), 200), v1.manifest);
     // An alias (resolved at request time).
     let put = |alias: &str, version: &str| {
         let r = s.call(
@@ -752,15 +755,21 @@ fn refs_resolve_versions_then_aliases() {
         json_ok(&r, 200);
     };
     put("latest", "2.0");
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/latest"), 200), v2);
+    assert_eq!(
+        json_ok(&s.get("/v1/images/img/refs/latest"), 200),
+        v2.manifest
+    );
     put("latest", "1.0");
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/latest"), 200), v1);
+    assert_eq!(
+        json_ok(&s.get("/v1/images/img/refs/latest"), 200),
+        v1.manifest
+    );
 
     // A draft never resolves, but an alias of the same name as a draft version does.
     s.get("/v1/images/img/refs/3.0")
         .assert_problem(404, "catalog not found");
     put("3.0", "2.0");
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/3.0"), 200), v2);
+    assert_eq!(json_ok(&s.get("/v1/images/img/refs/3.0"), 200), v2.manifest);
 
     s.get("/v1/images/img/refs/nothing")
         .assert_problem(404, "catalog not found");

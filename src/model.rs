@@ -1,5 +1,5 @@
 //! The catalog's records. Each is stored as JSON in its redb table and is also the wire
-//! representation of API.md section 5, so what is stored is exactly what clients see.
+//! representation of docs/api.md section 5, so what is stored is exactly what clients see.
 //! Optional members are omitted when unset, never `null`.
 
 use crate::clock::Timestamp;

@@ -1,4 +1,4 @@
-//! Aliases (API.md 4.5): mutable pointers to published versions of the same image.
+//! Aliases (docs/api.md 4.5): mutable pointers to published versions of the same image.
 
 use crate::util::*;
 use serde_json::{Value, json};

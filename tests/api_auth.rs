@@ -1,4 +1,4 @@
-//! Authentication and authorisation (API.md section 2, 4.6 and Decision 9).
+//! Authentication and authorisation (docs/api.md section 2, 4.6 and decision 9).
 
 use crate::util::*;
 use serde_json::{Value, json};

@@ -1,4 +1,4 @@
-//! Images, versions, manifests, artifacts and attachments (API.md 4.2, 4.3, sections 5 and 8):
+//! Images, versions, manifests, artifacts and attachments (docs/api.md 4.2, 4.3, sections 5 and 8):
 //! success shapes, visibility rules and every documented error class.
 
 use crate::util::*;

@@ -1,4 +1,4 @@
-//! Blob and catalog downloads (API.md section 6 and Decision 6): representation headers,
+//! Blob and catalog downloads (docs/api.md section 6 and decision 6): representation headers,
 //! ranges, conditional requests, HEAD and errors, identically on every download route.
 
 use crate::util::*;

@@ -1,4 +1,4 @@
-//! Publishing and publish jobs (API.md 4.4, section 8, Decisions 4 and 5).
+//! Publishing and publish jobs (docs/api.md 4.4, section 8, decisions 4 and 5).
 
 use crate::util::tables::CHUNKS;
 use crate::util::*;
@@ -112,7 +112,7 @@ fn publish_creates_a_job_that_succeeds() {
         );
     }
 
-    // Publishing again answers 200 with the same job (Decision 4), whatever its progress.
+    // Publishing again answers 200 with the same job (docs/api.md, decision 4), whatever its progress.
     let again = json_ok(&publish(&s, &w, "img", "1.0"), 200);
     assert_eq!(again["id"], id.as_str());
 

@@ -1,4 +1,4 @@
-//! Routing, probes, the OpenAPI document and X-Request-ID (API.md section 1, 3 and 7).
+//! Routing, probes, the OpenAPI document and X-Request-ID (docs/api.md sections 1, 3 and 7).
 
 use crate::util::*;
 use serde_json::{Value, json};

@@ -1,6 +1,6 @@
 //! Crash consistency: SIGKILL at chosen moments, restart on the same redb file, and check that
 //! every acknowledged write survived, that interrupted work is cleaned up or resumed, and that
-//! no reader ever sees a half-published version (DESIGN.md quality bar, Decision 5).
+//! no reader ever sees a half-published version (docs/api.md, decision 5).
 
 use crate::storage::{
     Db, begin, chunk_hashes, complete, metric, metrics_addr, put_part, put_part_ok, stop_and_read,

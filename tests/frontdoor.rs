@@ -1,4 +1,4 @@
-//! The front door against hostile clients (DESIGN.md "The front door", API.md Decision 13): huge
+//! The front door against hostile clients (the README's Architecture section; docs/api.md, decision 13): huge
 //! declared bodies, huge heads, idle and slow clients, garbage on the TLS port, file-descriptor
 //! exhaustion, early answers to large uploads and to clients that wait before sending a body
 //! (with or without `Expect: 100-continue`), keep-alive, chunked bodies and the connection

@@ -1,6 +1,6 @@
 //! The real Incus client (`incus`, no daemon needed) against imgsrv over TLS: the Simple
-//! Streams projection must list, describe and export published images exactly as INCUS.md
-//! says. Publishing happens over plain HTTP; the same data directory is then served over TLS
+//! Streams projection must list, describe and export published images exactly as the README's
+//! "Use with Incus" section says. Publishing happens over plain HTTP; the same data directory is then served over TLS
 //! (Incus refuses `http://` remotes and needs TLS 1.3).
 
 use crate::util::*;

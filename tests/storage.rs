@@ -1,6 +1,6 @@
 //! Storage: byte-exact round trips around chunk boundaries, deduplication and garbage
-//! collection proven by reading the redb file, the upload sweeper (Decision 3) and verified
-//! streaming of a corrupted chunk (Decision 8).
+//! collection proven by reading the redb file, the upload sweeper (docs/api.md, decision 3) and verified
+//! streaming of a corrupted chunk (docs/api.md, decision 8).
 //!
 //! The database is inspected only while the server is stopped (redb locks the file). Table
 //! names, key types and value layouts mirror `src/store/tables.rs`, `blobs.rs` and `uploads.rs`.

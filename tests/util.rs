@@ -534,7 +534,7 @@ pub fn require_tool(tool: &str) -> bool {
     found
 }
 
-/// Asserts a JSON success response (API.md 1): this status, `Content-Type: application/json`
+/// Asserts a JSON success response (docs/api.md section 1): this status, `Content-Type: application/json`
 /// exactly, a body that ends with exactly one `\n`. Returns the decoded body.
 pub fn json_ok(r: &Resp, status: u16) -> Value {
     assert_eq!(r.status, status, "{}", r.text());

@@ -1,4 +1,4 @@
-//! `/v1/images/{name}/aliases` (API.md 4.5). Aliases are mutable pointers to published versions.
+//! `/v1/images/{name}/aliases` (docs/api.md 4.5). Aliases are mutable pointers to published versions.
 
 use super::{App, HandlerResult, json_body, require};
 use crate::http::{Request, Response};

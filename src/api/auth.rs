@@ -1,4 +1,4 @@
-//! `/v1/auth`: roles, principals, role assignments and API tokens (API.md 4.6, Decision 9).
+//! `/v1/auth`: roles, principals, role assignments and API tokens (docs/api.md 4.6 and decision 9).
 
 use super::{App, HandlerResult, json_body, require, uuid_param};
 use crate::clock::Timestamp;

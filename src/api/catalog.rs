@@ -1,4 +1,4 @@
-//! Images, versions, manifests, artifacts and attachments (API.md 4.2 and 4.3).
+//! Images, versions, manifests, artifacts and attachments (docs/api.md 4.2 and 4.3).
 
 use super::{App, HandlerResult, json_body, require, uuid_param};
 use crate::http::{Request, Response};

@@ -1,6 +1,6 @@
-//! Downloads of blobs, artifacts and attachments with the HTTP semantics of API.md section 6:
+//! Downloads of blobs, artifacts and attachments with the HTTP semantics of docs/api.md section 6:
 //! strong ETags, conditional requests, single ranges, HEAD, and the trailing file-name route
-//! with `Content-Disposition` of Decision 6. Bytes stream from redb and every chunk is verified
+//! with `Content-Disposition` of docs/api.md, decision 6. Bytes stream from redb and every chunk is verified
 //! before it is sent.
 
 use super::{App, HandlerResult, uuid_param};

@@ -46,7 +46,7 @@ pub struct App {
 /// The OpenAPI document served at `/openapi/v1.yaml`, compiled into the binary.
 pub const OPENAPI_YAML: &str = include_str!("../../openapi/v1.yaml");
 
-/// Largest JSON request body (API.md 1.2).
+/// Largest JSON request body (docs/api.md 1.2).
 pub const MAX_JSON_BODY: u64 = 1024 * 1024;
 
 type HandlerResult = Result<Response, Response>;
@@ -109,7 +109,7 @@ pub(crate) fn require(app: &App, req: &Request, action: &str) -> Result<Caller, 
     Ok(caller)
 }
 
-/// Reads and decodes a JSON body under the strict rules of API.md 1.2.
+/// Reads and decodes a JSON body under the strict rules of docs/api.md 1.2.
 pub(crate) fn json_body<T: DeserializeOwned>(req: &mut Request) -> Result<T, Response> {
     let bad = |m: &str| problem(400, &format!("invalid JSON request body: {m}"));
     if req.content_length.is_some_and(|n| n > MAX_JSON_BODY) {

@@ -1,4 +1,4 @@
-//! Publishing and publish jobs (API.md 4.4, Decisions 4 and 5).
+//! Publishing and publish jobs (docs/api.md 4.4 and decisions 4 and 5).
 
 use super::{App, HandlerResult, require, uuid_param};
 use crate::http::{Request, Response, problem};

@@ -1,4 +1,4 @@
-//! Principals, role assignments and API tokens (Decision 9).
+//! Principals, role assignments and API tokens (docs/api.md, decision 9).
 //!
 //! A token's plaintext is `imgsrv_at_<token id as 32 hex>_<secret as 64 hex>`; only the sha256
 //! of the secret is stored and it is compared in constant time. The id part lets a lookup go

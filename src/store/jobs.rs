@@ -192,7 +192,7 @@ pub enum NextStep {
 
 impl Store {
     /// Publishes a draft: returns the job and whether it was created now (202) or already
-    /// existed because the version is `publishing` or `published` (200, Decision 4).
+    /// existed because the version is `publishing` or `published` (200, docs/api.md, decision 4).
     pub fn publish(&self, name: &str, version: &str) -> Result<(PublishJob, bool)> {
         check_image_name(name).map_err(publish_invalid)?;
         check_version(version).map_err(publish_invalid)?;

@@ -1,8 +1,9 @@
 //! The catalog's records. Each is stored as JSON in its redb table and is also the wire
-//! representation of API.md section 5, so what is stored is exactly what clients see.
+//! representation of docs/api.md section 5, so what is stored is exactly what clients see.
 //! Optional members are omitted when unset, never `null`.
 
 use crate::clock::Timestamp;
+use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -68,7 +69,7 @@ string_enum!(PrincipalKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UploadSession {
     pub id: Uuid,
-    pub expected_digest: String,
+    pub expected_digest: Digest,
     pub expected_size_bytes: i64,
     pub state: UploadState,
     pub expires_at: Timestamp,
@@ -120,7 +121,7 @@ pub struct Artifact {
     pub operating_system: String,
     pub architecture: String,
     pub format: String,
-    pub primary_blob_digest: String,
+    pub primary_blob_digest: Digest,
     pub primary_blob_size_bytes: i64,
     pub primary_media_type: String,
     /// What an Incus host must offer to run this image (for example `secureboot: "false"`
@@ -138,7 +139,7 @@ pub struct Attachment {
     pub artifact_id: Uuid,
     pub name: String,
     pub media_type: String,
-    pub blob_digest: String,
+    pub blob_digest: Digest,
     pub blob_size_bytes: i64,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
@@ -253,4 +254,35 @@ pub struct IncusRow {
     pub attachment_id: Uuid,
     /// Hex sha256 of the `incus.tar.xz` bytes followed by the disk bytes (the Incus fingerprint).
     pub combined_sha256: String,
+}
+
+/// Decodes an integer member of a request body. JSON has one number type, and JSON Schema's
+/// `integer` includes integral values written with a fraction or an exponent (`473.0`, `4.73e2`),
+/// which clients and generators emit; they are accepted as that integer. A non-integral number
+/// (`473.5`) or one outside `i64` stays a wrong type (400). Use it on every integer member of a
+/// request struct: `#[serde(deserialize_with = "crate::model::integer")]`.
+pub(crate) fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    struct Integer;
+    impl serde::de::Visitor<'_> for Integer {
+        type Value = i64;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i64, E> {
+            Ok(v)
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i64, E> {
+            i64::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i64, E> {
+            // 2^63 is exactly representable; every integral f64 below it fits in an i64.
+            if v.fract() == 0.0 && v >= i64::MIN as f64 && v < 9_223_372_036_854_775_808.0 {
+                Ok(v as i64)
+            } else {
+                Err(E::invalid_type(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(Integer)
 }

@@ -216,8 +216,7 @@ fn render_version(h: &mut String, image: &str, v: &ListedVersion, b: &str) {
     for a in &v.artifacts {
         let art = &a.artifact;
         let (path, file) = artifact_download(image, name, art);
-        let digest = art.primary_blob_digest.as_str();
-        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        let hex = art.primary_blob_digest.hex();
         let _ = writeln!(
             h,
             "<div class=\"artifact\">\n<dl>\n\
@@ -233,25 +232,22 @@ fn render_version(h: &mut String, image: &str, v: &ListedVersion, b: &str) {
             escape(&art.variant),
             escape(&art.operating_system),
             size(art.primary_blob_size_bytes),
-            escape(hex),
+            escape(&hex),
             escape(&path),
-            escape(hex),
+            escape(&hex),
             escape(&file),
         );
         for t in &a.attachments {
-            let d = t
-                .blob_digest
-                .strip_prefix("sha256:")
-                .unwrap_or(&t.blob_digest);
+            let d = t.blob_digest.hex();
             let _ = write!(
                 h,
                 "<br><a class=\"download\" href=\"{}\" data-sha256=\"{}\">{}</a> \
                  <span class=\"muted\">({}, sha256 <code class=\"sha\">{}</code>)</span>",
                 escape(&attachment_download(image, name, art, t)),
-                escape(d),
+                escape(&d),
                 escape(&t.name),
                 size(t.blob_size_bytes),
-                escape(d),
+                escape(&d),
             );
         }
         h.push_str("</dd>\n");
@@ -284,6 +280,7 @@ fn render_version(h: &mut String, image: &str, v: &ListedVersion, b: &str) {
 mod tests {
     use super::*;
     use crate::clock::Timestamp;
+    use crate::digest::Digest;
     use crate::model::{Alias, ArtifactWithAttachments, Image, ImageVersion, VersionState};
     use crate::store::listing::{ListedImage, ListedVersion};
     use uuid::Uuid;
@@ -318,7 +315,7 @@ mod tests {
             operating_system: "debian".into(),
             architecture: "x86_64".into(),
             format: format.into(),
-            primary_blob_digest: format!("sha256:{}", "ab".repeat(32)),
+            primary_blob_digest: Digest::parse(&format!("sha256:{}", "ab".repeat(32))).unwrap(),
             primary_blob_size_bytes: 3 * 1024 * 1024,
             primary_media_type: "application/octet-stream".into(),
             incus_requirements: Default::default(),
@@ -330,7 +327,7 @@ mod tests {
             artifact_id: Uuid::from_u128(n - 0x100),
             name: "incus.tar.xz".into(),
             media_type: "application/x-xz".into(),
-            blob_digest: format!("sha256:{}", "cd".repeat(32)),
+            blob_digest: Digest::parse(&format!("sha256:{}", "cd".repeat(32))).unwrap(),
             blob_size_bytes: 300,
             created_at: t,
             updated_at: t,

@@ -48,7 +48,7 @@ pub struct Document {
 
 impl Document {
     fn new(body: Vec<u8>) -> Document {
-        let etag = format!("\"{}\"", crate::validate::hex(&Sha256::digest(&body)));
+        let etag = format!("\"{}\"", crate::digest::hex(&Sha256::digest(&body)));
         Document { body, etag }
     }
 }
@@ -813,7 +813,7 @@ mod tests {
             r.images.etag,
             format!(
                 "\"{}\"",
-                crate::validate::hex(&Sha256::digest(expected.as_bytes()))
+                crate::digest::hex(&Sha256::digest(expected.as_bytes()))
             )
         );
         assert_ne!(r.index.etag, r.images.etag);

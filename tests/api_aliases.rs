@@ -1,4 +1,4 @@
-//! Aliases (API.md 4.5): mutable pointers to published versions of the same image.
+//! Aliases (docs/api.md 4.5): mutable pointers to published versions of the same image.
 
 use crate::util::*;
 use serde_json::{Value, json};
@@ -30,9 +30,9 @@ fn alias_create_move_list_and_delete() {
         200,
     );
     let id = id_of(&a["id"]);
-    assert_eq!(a["image_id"], v1["image"]["id"]);
+    assert_eq!(a["image_id"], v1.manifest["image"]["id"]);
     assert_eq!(a["alias"], "latest");
-    assert_eq!(a["version_id"], v1["version"]["id"]);
+    assert_eq!(a["version_id"], v1.manifest["version"]["id"]);
     assert_eq!(a["version"], "1.0");
     assert_eq!(ts(&a["created_at"]), ts(&a["updated_at"]));
     let mut keys: Vec<&str> = a.as_object().unwrap().keys().map(String::as_str).collect();
@@ -61,7 +61,7 @@ fn alias_create_move_list_and_delete() {
     assert_eq!(b["created_at"], a["created_at"]);
     assert!(ts(&b["updated_at"]) > ts(&a["updated_at"]), "{a} {b}");
     assert_eq!(b["version"], "2.0");
-    assert_eq!(b["version_id"], v2["version"]["id"]);
+    assert_eq!(b["version_id"], v2.manifest["version"]["id"]);
     assert_eq!(json_ok(&s.get("/v1/images/img/aliases/latest"), 200), b);
     // PUT to the same target again is still a 200 upsert.
     let c = json_ok(

@@ -1,4 +1,4 @@
-//! Authentication and authorisation (API.md section 2, 4.6 and Decision 9).
+//! Authentication and authorisation (docs/api.md section 2, 4.6 and decision 9).
 
 use crate::util::*;
 use serde_json::{Value, json};
@@ -8,9 +8,10 @@ use time::format_description::well_known::Rfc3339;
 
 const UNKNOWN: &str = "00000000-0000-4000-8000-000000000000";
 
-fn assert_401(r: &Resp, what: &str) {
+/// A 401 whose detail says whether the token was missing or invalid.
+fn assert_401(r: &Resp, what: &str, detail: &str) {
     assert_eq!(r.status, 401, "{what}: {}", r.text());
-    r.assert_problem(401, "invalid bearer token");
+    r.assert_problem(401, detail);
     assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"), "{what}");
     assert_eq!(r.json()["title"], "Unauthorized");
 }
@@ -131,7 +132,12 @@ fn bearer_token_variants() {
     ];
     for h in &bad {
         let r = create_image(&s, h.as_deref(), "never");
-        assert_401(&r, &format!("{h:?}"));
+        let detail = if h.is_none() {
+            "missing bearer token"
+        } else {
+            "invalid bearer token"
+        };
+        assert_401(&r, &format!("{h:?}"), detail);
     }
     // None of the rejected requests created anything.
     json_ok(
@@ -308,14 +314,14 @@ fn auth_runs_before_validation() {
     let writer = format!("Bearer {w}");
     for (method, path, body, action) in &cases {
         let r = s.request(method, path, &[], body);
-        assert_401(&r, &format!("{method} {path}"));
+        assert_401(&r, &format!("{method} {path}"), "missing bearer token");
         let r = s.request(
             method,
             path,
             &[("Authorization", "Bearer imgsrv_at_nonsense")],
             body,
         );
-        assert_401(&r, &format!("{method} {path}"));
+        assert_401(&r, &format!("{method} {path}"), "invalid bearer token");
         if *action == "auth.manage" {
             let r = s.request(method, path, &[("Authorization", &writer)], body);
             assert_403(&r, action);
@@ -328,7 +334,7 @@ fn reads_ignore_authorization() {
     let s = Server::start();
     let w = s.writer_token();
     let m = s.publish_image(&w, "img", "1.0", b"disk", b"meta");
-    let aid = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    let aid = m.artifact_id.as_str();
     let digest = sha256_digest(b"disk");
     for path in [
         "/v1/images".to_string(),
@@ -573,6 +579,7 @@ fn api_tokens_issue_list_and_revoke() {
     assert_401(
         &s.call("POST", "/v1/images", &plaintext, &json!({"name": "img2"})),
         "revoked",
+        "invalid bearer token",
     );
     let list = json_ok(&s.call("GET", &list_path, &am, &Value::Null), 200);
     let revoked = list["api_tokens"]

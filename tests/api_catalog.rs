@@ -1,4 +1,4 @@
-//! Images, versions, manifests, artifacts and attachments (API.md 4.2, 4.3, sections 5 and 8):
+//! Images, versions, manifests, artifacts and attachments (docs/api.md 4.2, 4.3, sections 5 and 8):
 //! success shapes, visibility rules and every documented error class.
 
 use crate::util::*;
@@ -63,9 +63,12 @@ fn create_image_shapes_and_conflicts() {
     // The longest legal name.
     json_ok(&create_image(&s, &w, json!({"name": "a".repeat(128)})), 201);
 
-    // Duplicate name: 409, naming the uniqueness rule; creation is not idempotent.
+    // Duplicate name: 409, naming the image; creation is not idempotent.
     let r = create_image(&s, &w, json!({"name": "debian-bookworm"}));
-    r.assert_problem(409, "catalog conflict: images_name_key");
+    r.assert_problem(
+        409,
+        "catalog conflict: image \"debian-bookworm\" already exists",
+    );
     assert_eq!(r.json()["title"], "Conflict");
 }
 
@@ -168,8 +171,10 @@ fn versions_create_and_list_newest_first() {
         ]
     );
     ts(&v["created_at"]);
-    create_version(&s, &w, "img", "12.5.0+build:1")
-        .assert_problem(409, "catalog conflict: image_versions_image_id_version_key");
+    create_version(&s, &w, "img", "12.5.0+build:1").assert_problem(
+        409,
+        "catalog conflict: version \"12.5.0+build:1\" of image \"img\" already exists",
+    );
 
     let pattern = "catalog invalid input: version must match ^[A-Za-z0-9][A-Za-z0-9._+:-]{0,127}$";
     for bad in [
@@ -287,8 +292,8 @@ fn manifests_show_any_state_in_order() {
 
     // After publishing, the same endpoint shows the published state.
     let m = s.publish_image(&w, "pub", "1", b"d", b"m");
-    assert_eq!(m["version"]["state"], "published");
-    ts(&m["version"]["published_at"]);
+    assert_eq!(m.manifest["version"]["state"], "published");
+    ts(&m.manifest["version"]["published_at"]);
 }
 
 #[test]
@@ -341,13 +346,20 @@ fn artifact_add_rules() {
 
     // Identity is (variant, os, arch, format): an empty variant is `default` too.
     for variant in [None, Some(""), Some("default")] {
-        s.call(
+        let r = s.call(
             "POST",
             base,
             &w,
             &artifact_body(variant, "debian", "x86_64", "qcow2"),
-        )
-        .assert_problem(409, "catalog conflict: release_artifacts_identity_key");
+        );
+        r.assert_problem(
+            409,
+            "catalog conflict: version \"1.0\" of image \"img\" already has artifact ",
+        );
+        r.assert_problem(
+            409,
+            "with variant \"default\", operating system \"debian\", architecture \"x86_64\" and format \"qcow2\"",
+        );
     }
     for (variant, os, arch, format) in [
         (None, "debian", "x86_64", "raw"),
@@ -505,11 +517,9 @@ fn attachment_add_rules() {
     ts(&att["updated_at"]);
 
     // The same name on the same artifact conflicts; on another artifact it does not.
-    s.call("POST", &path, &w, &attachment_body("incus.tar.xz"))
-        .assert_problem(
-            409,
-            "catalog conflict: artifact_attachments_artifact_id_name_key",
-        );
+    let r = s.call("POST", &path, &w, &attachment_body("incus.tar.xz"));
+    r.assert_problem(409, "catalog conflict: artifact ");
+    r.assert_problem(409, "already has an attachment named \"incus.tar.xz\"");
     let other = format!("/v1/images/img/versions/2.0/artifacts/{a2}/attachments");
     json_ok(
         &s.call("POST", &other, &w, &attachment_body("incus.tar.xz")),
@@ -586,7 +596,7 @@ fn attachment_add_rules() {
 
     // Not a draft any more: 412.
     let m = s.publish_image(&w, "img", "pub", b"disk", b"meta");
-    let pa = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    let pa = m.artifact_id.as_str();
     s.call(
         "POST",
         &format!("/v1/images/img/versions/pub/artifacts/{pa}/attachments"),
@@ -675,14 +685,17 @@ fn deletes_cascade_and_respect_state() {
 
     // A published manifest can delete nothing.
     let m = s.publish_image(&w, "img", "pub", b"disk", b"meta");
-    let pa = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
-    let pt = m["artifacts"][0]["attachments"][0]["id"].as_str().unwrap();
+    let pa = m.artifact_id.as_str();
+    let pt = m.attachment_id.as_str();
     let pbase = "/v1/images/img/versions/pub/artifacts";
     del(&format!("{pbase}/{pa}/attachments/{pt}"))
         .assert_problem(412, "version manifest can only change while draft");
     del(&format!("{pbase}/{pa}"))
         .assert_problem(412, "version manifest can only change while draft");
-    assert_eq!(json_ok(&s.get("/v1/images/img/versions/pub"), 200), m);
+    assert_eq!(
+        json_ok(&s.get("/v1/images/img/versions/pub"), 200),
+        m.manifest
+    );
 }
 
 #[test]
@@ -700,13 +713,13 @@ fn artifact_reads_see_published_versions_only() {
     let list = json_ok(&s.get("/v1/images/img/versions/1.0/artifacts"), 200);
     assert_eq!(keys(&list), ["artifacts"]);
     assert_eq!(list["artifacts"].as_array().unwrap().len(), 1);
-    assert_eq!(list["artifacts"][0], m["artifacts"][0]["artifact"]);
-    let aid = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    assert_eq!(list["artifacts"][0], m.manifest["artifacts"][0]["artifact"]);
+    let aid = m.artifact_id.as_str();
     let one = json_ok(
         &s.get(&format!("/v1/images/img/versions/1.0/artifacts/{aid}")),
         200,
     );
-    assert_eq!(one, m["artifacts"][0]["artifact"]);
+    assert_eq!(one, m.manifest["artifacts"][0]["artifact"]);
 
     s.get("/v1/images/img/versions/1.0/artifacts/nope")
         .assert_problem(400, "artifact id must be a UUID");
@@ -730,7 +743,7 @@ fn refs_resolve_versions_then_aliases() {
     json_ok(&create_version(&s, &w, "img", "3.0"), 201);
 
     // An exact published version.
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/1.0"), 200), v1);
+    assert_eq!(json_ok(&s.get("/v1/images/img/refs/1.0"), 200), v1.manifest);
     // An alias (resolved at request time).
     let put = |alias: &str, version: &str| {
         let r = s.call(
@@ -742,15 +755,21 @@ fn refs_resolve_versions_then_aliases() {
         json_ok(&r, 200);
     };
     put("latest", "2.0");
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/latest"), 200), v2);
+    assert_eq!(
+        json_ok(&s.get("/v1/images/img/refs/latest"), 200),
+        v2.manifest
+    );
     put("latest", "1.0");
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/latest"), 200), v1);
+    assert_eq!(
+        json_ok(&s.get("/v1/images/img/refs/latest"), 200),
+        v1.manifest
+    );
 
     // A draft never resolves, but an alias of the same name as a draft version does.
     s.get("/v1/images/img/refs/3.0")
         .assert_problem(404, "catalog not found");
     put("3.0", "2.0");
-    assert_eq!(json_ok(&s.get("/v1/images/img/refs/3.0"), 200), v2);
+    assert_eq!(json_ok(&s.get("/v1/images/img/refs/3.0"), 200), v2.manifest);
 
     s.get("/v1/images/img/refs/nothing")
         .assert_problem(404, "catalog not found");

@@ -1,4 +1,4 @@
-//! Blob and catalog downloads (API.md section 6 and Decision 6): representation headers,
+//! Blob and catalog downloads (docs/api.md section 6 and decision 6): representation headers,
 //! ranges, conditional requests, HEAD and errors, identically on every download route.
 
 use crate::util::*;
@@ -38,8 +38,8 @@ fn fixture(s: &Server, w: &str, disk_len: usize) -> Vec<Target> {
         .unwrap()
         .as_secs() as i64;
     let m = s.publish_image(w, "img", "1.0", &disk, &meta);
-    let a = &m["artifacts"][0]["artifact"];
-    let t = &m["artifacts"][0]["attachments"][0];
+    let a = &m.manifest["artifacts"][0]["artifact"];
+    let t = &m.manifest["artifacts"][0]["attachments"][0];
     let aid = a["id"].as_str().unwrap();
     let tid = t["id"].as_str().unwrap();
     let art_lm = ts(&a["updated_at"]).unix_timestamp();
@@ -432,14 +432,7 @@ fn download_errors() {
     let s = Server::start();
     let w = s.writer_token();
     let m = s.publish_image(&w, "img", "1.0", b"disk", b"meta");
-    let aid = m["artifacts"][0]["artifact"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let tid = m["artifacts"][0]["attachments"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (aid, tid) = (m.artifact_id, m.attachment_id);
     // A draft with a downloadable-looking artifact and attachment.
     let draft = draft_with_artifact(&s, &w, "img", "2.0", b"disk");
     let did = draft["id"].as_str().unwrap().to_string();

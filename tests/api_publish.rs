@@ -1,5 +1,6 @@
-//! Publishing and publish jobs (API.md 4.4, section 8, Decisions 4 and 5).
+//! Publishing and publish jobs (docs/api.md 4.4, section 8, decisions 4 and 5).
 
+use crate::util::tables::CHUNKS;
 use crate::util::*;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -111,7 +112,7 @@ fn publish_creates_a_job_that_succeeds() {
         );
     }
 
-    // Publishing again answers 200 with the same job (Decision 4), whatever its progress.
+    // Publishing again answers 200 with the same job (docs/api.md, decision 4), whatever its progress.
     let again = json_ok(&publish(&s, &w, "img", "1.0"), 200);
     assert_eq!(again["id"], id.as_str());
 
@@ -272,11 +273,11 @@ fn publish_job_endpoints_need_content_write() {
     let m = s.publish_image(&w, "img", "1.0", b"disk", b"meta");
     let job = json_ok(&publish(&s, &w, "img", "1.0"), 200);
     let id = id_of(&job["id"]);
-    assert_eq!(m["version"]["id"], job["version_id"]);
+    assert_eq!(m.manifest["version"]["id"], job["version_id"]);
 
     // GET is protected even though it is a read.
     let r = s.get(&format!("/v1/publish-jobs/{id}"));
-    r.assert_problem(401, "invalid bearer token");
+    r.assert_problem(401, "missing bearer token");
     assert_eq!(r.header("WWW-Authenticate"), Some("Bearer"));
     let r = s.call("GET", &format!("/v1/publish-jobs/{id}"), &am, &Value::Null);
     r.assert_problem(403, "principal is not authorized for action content.write");
@@ -328,15 +329,12 @@ fn publish_job_endpoints_need_content_write() {
     );
     r.assert_problem(403, "content.write");
     let r = s.request("POST", &format!("/v1/publish-jobs/{id}/retry"), &[], b"");
-    r.assert_problem(401, "invalid bearer token");
+    r.assert_problem(401, "missing bearer token");
 }
 
-/// The `chunks` table as `store/tables.rs` defines it (sha256 of a chunk -> its bytes). The
-/// API has no way to make a publish step fail, so this test damages stored bytes the way a
-/// disk fault would, with the server stopped.
-const CHUNKS: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("chunks");
-
 /// Replaces the stored bytes of the single chunk of `data` (which is smaller than a chunk).
+/// The API has no way to make a publish step fail, so this test damages stored bytes the way a
+/// disk fault would, with the server stopped.
 fn overwrite_chunk(db: &Path, data: &[u8], with: &[u8]) {
     assert!(data.len() < CHUNK_SIZE);
     let key: [u8; 32] = Sha256::digest(data).into();

@@ -1,4 +1,4 @@
-//! Routing, probes, the OpenAPI document and X-Request-ID (API.md section 1, 3 and 7).
+//! Routing, probes, the OpenAPI document and X-Request-ID (docs/api.md sections 1, 3 and 7).
 
 use crate::util::*;
 use serde_json::{Value, json};
@@ -180,8 +180,8 @@ fn head_mirrors_get() {
     let w = s.writer_token();
     let am = s.bootstrap_token();
     let m = s.publish_image(&w, "img", "1.0", b"disk", b"meta");
-    let aid = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
-    let tid = m["artifacts"][0]["attachments"][0]["id"].as_str().unwrap();
+    let aid = m.artifact_id.as_str();
+    let tid = m.attachment_id.as_str();
     let r = s.call(
         "PUT",
         "/v1/images/img/aliases/latest",

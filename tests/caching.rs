@@ -118,7 +118,7 @@ fn catalog_reads_are_tagged_and_revalidate() {
     let v1 = s.publish_image(&w, "img", "1.0", b"disk one", b"meta one");
     s.publish_image(&w, "img", "2.0", b"disk two", b"meta two");
     put_alias(&s, &w, "latest", "1.0");
-    let art = v1["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    let art = v1.artifact_id.as_str();
 
     let shared = |p: &str| check_cacheable(&s, p, &[], "no-cache");
     let (images, _) = shared("/v1/images");
@@ -281,7 +281,7 @@ fn downloads_and_streams_keep_their_own_headers() {
     let s = Server::start();
     let w = s.writer_token();
     let m = s.publish_image(&w, "img", "1.0", b"disk", b"meta");
-    let art = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    let art = m.artifact_id.as_str();
     let d = s.get(&format!(
         "/v1/images/img/versions/1.0/artifacts/{art}/download"
     ));

@@ -40,7 +40,7 @@ fn schemathesis_finds_no_contract_violation() {
     // exercised with real data, not only as 404s.
     let disk = bytes(200_000, 7);
     let manifest = s.publish_image(&w, "debian-bookworm", "12.5.0", &disk, b"metadata");
-    let artifact = &manifest["artifacts"][0];
+    let artifact = &manifest.manifest["artifacts"][0];
     let artifact_id = artifact["artifact"]["id"].as_str().unwrap();
     let attachment_id = artifact["attachments"][0]["id"].as_str().unwrap();
     let r = s.call(

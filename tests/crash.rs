@@ -1,21 +1,20 @@
 //! Crash consistency: SIGKILL at chosen moments, restart on the same redb file, and check that
 //! every acknowledged write survived, that interrupted work is cleaned up or resumed, and that
-//! no reader ever sees a half-published version (DESIGN.md quality bar, Decision 5).
+//! no reader ever sees a half-published version (docs/api.md, decision 5).
 
 use crate::storage::{
     Db, begin, chunk_hashes, complete, metric, metrics_addr, put_part, put_part_ok, stop_and_read,
     wait_until,
 };
+use crate::util::tables::JOBS;
 use crate::util::*;
-use redb::{ReadableDatabase, TableDefinition};
+use redb::ReadableDatabase;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const JOBS: TableDefinition<u128, &[u8]> = TableDefinition::new("publish_jobs");
 
 #[test]
 fn kill_during_part_upload() {

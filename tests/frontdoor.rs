@@ -1,4 +1,4 @@
-//! The front door against hostile clients (DESIGN.md "The front door", API.md Decision 13): huge
+//! The front door against hostile clients (the README's Architecture section; docs/api.md, decision 13): huge
 //! declared bodies, huge heads, idle and slow clients, garbage on the TLS port, file-descriptor
 //! exhaustion, early answers to large uploads and to clients that wait before sending a body
 //! (with or without `Expect: 100-continue`), keep-alive, chunked bodies and the connection
@@ -527,67 +527,6 @@ fn slowloris_clients_get_408_while_others_are_served() {
     );
 }
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// An EC P-256 key and a certificate request or self-signed certificate.
-fn ec_req(dir: &Path, name: &str, cn: &str, extra: &[&str]) {
-    let (key, out) = (format!("{name}.key"), format!("{name}.pem"));
-    let subj = format!("/CN={cn}");
-    let mut args = vec![
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        &key,
-        "-out",
-        &out,
-        "-subj",
-        &subj,
-    ];
-    args.extend_from_slice(extra);
-    openssl(dir, &args);
-}
-
-/// Signs `name.pem` (a request) with `ca` into `name.crt` with the given extensions.
-fn sign(dir: &Path, name: &str, ca: &str, ext: &str) {
-    std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &format!("{name}.pem"),
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-set_serial",
-            "2",
-            "-days",
-            "2",
-            "-out",
-            &format!("{name}.crt"),
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
-}
-
 fn cat(dir: &Path, out: &str, parts: &[&str]) {
     let mut all = Vec::new();
     for p in parts {
@@ -620,20 +559,7 @@ fn tls_port_survives_garbage_and_speaks_tls13() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    ec_req(
-        d,
-        "self",
-        "imgsrv-test",
-        &[
-            "-x509",
-            "-days",
-            "2",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-    );
-    let cert = d.join("self.pem");
-    let key = d.join("self.key");
+    let (cert, key) = self_signed_cert(d);
     let s = Server::start_with(&[
         "--tls-cert",
         cert.to_str().unwrap(),
@@ -1151,7 +1077,7 @@ fn decided_answers_reach_a_waiting_client_at_once() {
     let cases: [(String, u64, u16, &str); 4] = [
         // One byte over the largest part, but under the front door's own limit: the API's 400.
         (id.clone(), 5 * gib + 1, 400, "part size must be at most"),
-        (id.clone(), 4 * gib, 401, "invalid bearer token"),
+        (id.clone(), 4 * gib, 401, "missing bearer token"),
         (unknown.to_string(), 4 * gib, 404, ""),
         // Over the front door's limit: its own 413.
         (id.clone(), 6 * gib, 413, "exceeds the limit"),
@@ -1288,24 +1214,12 @@ fn curl_waiting_for_100_continue_is_answered_at_once() {
     );
     drop(s);
 
-    ec_req(
-        d,
-        "self",
-        "imgsrv-test",
-        &[
-            "-x509",
-            "-days",
-            "2",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ],
-    );
-    let cert = d.join("self.pem");
+    let (cert, key) = self_signed_cert(d);
     let s = Server::start_with(&[
         "--tls-cert",
         cert.to_str().unwrap(),
         "--tls-key",
-        d.join("self.key").to_str().unwrap(),
+        key.to_str().unwrap(),
     ]);
     let (got, sent, took) = curl_expect_put(
         &url(&s.addr, "https", &id),

@@ -1,6 +1,6 @@
 //! The real Incus client (`incus`, no daemon needed) against imgsrv over TLS: the Simple
-//! Streams projection must list, describe and export published images exactly as INCUS.md
-//! says. Publishing happens over plain HTTP; the same data directory is then served over TLS
+//! Streams projection must list, describe and export published images exactly as the README's
+//! "Use with Incus" section says. Publishing happens over plain HTTP; the same data directory is then served over TLS
 //! (Incus refuses `http://` remotes and needs TLS 1.3).
 
 use crate::util::*;
@@ -189,37 +189,6 @@ impl Client {
             .trim()
             .to_string()
     }
-}
-
-pub(crate) fn self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    (cert, key)
 }
 
 fn aliases_of(img: &Value) -> Vec<String> {

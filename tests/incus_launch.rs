@@ -3,7 +3,7 @@
 //! alias move reaching a host through `incus image refresh`, and a unified image (container and
 //! VM under one alias). VMs are only launched where the host has `/dev/vhost-vsock`.
 
-use crate::incus::{Client, TlsApi, fixture, self_signed_cert};
+use crate::incus::{Client, TlsApi, fixture};
 use crate::incusd::Daemon;
 use crate::util::*;
 use serde_json::{Value, json};

@@ -140,7 +140,7 @@ fn retired_version_leaves_the_catalog_at_once_and_its_files_after_the_grace() {
         .assert_problem(404, "catalog not found");
     s.get(&format!(
         "/v1/images/ret/versions/1.0/artifacts/{}",
-        old["artifacts"][0]["artifact"]["id"].as_str().unwrap()
+        old.artifact_id.as_str()
     ))
     .assert_problem(404, "catalog not found");
     for (doc, before) in [(INDEX, &index_before), (IMAGES, &images_before)] {
@@ -165,7 +165,7 @@ fn retired_version_leaves_the_catalog_at_once_and_its_files_after_the_grace() {
     retire(&s, &w, "ret", "1.0").assert_problem(404, "already retired");
 
     // Within the grace, every direct download URL still serves the bytes.
-    let urls = download_urls("ret", &old);
+    let urls = download_urls("ret", &old.manifest);
     let disk_blob = format!("/v1/blobs/{}", sha256_digest(&disk_old));
     let meta_blob = format!("/v1/blobs/{}", sha256_digest(&meta));
     for url in urls.iter().take(2).chain([&disk_blob]) {

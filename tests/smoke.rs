@@ -9,8 +9,12 @@ fn publish_and_download_round_trip() {
     let disk = bytes(3 * CHUNK_SIZE + 17, 1);
     let meta = bytes(1000, 2);
     let m = s.publish_image(&w, "debian-bookworm", "12.5.0", &disk, &meta);
-    assert_eq!(m["version"]["state"], "published", "{m}");
-    let aid = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    assert_eq!(
+        m.manifest["version"]["state"], "published",
+        "{}",
+        m.manifest
+    );
+    let aid = m.artifact_id.as_str();
     let r = s.get(&format!(
         "/v1/images/debian-bookworm/versions/12.5.0/artifacts/{aid}/download"
     ));

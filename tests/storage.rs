@@ -1,24 +1,18 @@
 //! Storage: byte-exact round trips around chunk boundaries, deduplication and garbage
-//! collection proven by reading the redb file, the upload sweeper (Decision 3) and verified
-//! streaming of a corrupted chunk (Decision 8).
+//! collection proven by reading the redb file, the upload sweeper (docs/api.md, decision 3) and verified
+//! streaming of a corrupted chunk (docs/api.md, decision 8).
 //!
 //! The database is inspected only while the server is stopped (redb locks the file). Table
 //! names, key types and value layouts mirror `src/store/tables.rs`, `blobs.rs` and `uploads.rs`.
 
+use crate::util::tables::{BLOBS, CHUNK_REFS, CHUNKS, META, PARTS, STAGING};
 use crate::util::*;
-use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{ReadableDatabase, ReadableTable};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
-const CHUNK_REFS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_refs");
-const BLOBS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("blobs");
-const PARTS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("upload_parts");
-const STAGING: TableDefinition<(u128, u32), &[u8; 36]> = TableDefinition::new("part_staging");
-const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 pub type Hash = [u8; 32];
 

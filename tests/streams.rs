@@ -2,6 +2,7 @@
 //! listed bytes, fingerprints, caching headers, aliases resolved at render time, and that only
 //! published versions appear.
 
+use crate::util::tables::VERSIONS;
 use crate::util::*;
 use serde_json::{Map, Value, json};
 
@@ -208,14 +209,7 @@ fn items_download_the_listed_bytes() {
     let disk = bytes(2 * CHUNK_SIZE + 5, 11);
     let meta = bytes(4321, 12);
     let m = s.publish_image(&w, "debian-bookworm", "12.5.0+b1", &disk, &meta);
-    let aid = m["artifacts"][0]["artifact"]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let tid = m["artifacts"][0]["attachments"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (aid, tid) = (m.artifact_id, m.attachment_id);
     let products = products(&s);
     assert_eq!(
         products.keys().collect::<Vec<_>>(),
@@ -224,7 +218,7 @@ fn items_download_the_listed_bytes() {
     let (serial, version) = only_version(&products["debian-bookworm:12.5.0+b1:amd64:default"]);
     // The version key is the publish time, `YYYYMMDD_HH:MM` in UTC.
     let published = time::OffsetDateTime::parse(
-        m["version"]["published_at"].as_str().unwrap(),
+        m.manifest["version"]["published_at"].as_str().unwrap(),
         &time::format_description::well_known::Rfc3339,
     )
     .unwrap();
@@ -401,13 +395,10 @@ fn versions_that_are_not_published_never_appear() {
         product_keys(&s),
         ["img:1.0:amd64:default", "img:3.0:amd64:default"]
     );
-    let vid = uuid::Uuid::parse_str(m["version"]["id"].as_str().unwrap())
-        .unwrap()
-        .as_u128();
+    let vid = uuid::Uuid::parse_str(&m.version_id).unwrap().as_u128();
     s.kill9();
     {
         use redb::ReadableTable;
-        const VERSIONS: redb::TableDefinition<u128, &[u8]> = redb::TableDefinition::new("versions");
         let db = redb::Database::open(s.db_path()).unwrap();
         let txn = db.begin_write().unwrap();
         {

@@ -2,6 +2,7 @@
 //! see the README beside it) is upgraded in place and keeps its catalog and bytes; a database
 //! with a newer schema is refused with a clear message.
 
+use crate::util::tables::META;
 use crate::util::*;
 use serde_json::{Value, json};
 use std::path::Path;
@@ -156,10 +157,9 @@ fn schema1_database_is_upgraded_in_place() {
 
 /// Writes `schema_version` into a database file's `meta` table, as a later release would.
 fn set_schema_version(db: &Path, version: u64) {
-    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
     let db = redb::Database::open(db).expect("opening the database");
     let txn = db.begin_write().unwrap();
-    txn.open_table(meta)
+    txn.open_table(META)
         .unwrap()
         .insert("schema_version", version)
         .unwrap();
@@ -210,10 +210,9 @@ fn newer_schema_is_refused_with_a_clear_message() {
 
 fn schema_version(db: &Path) -> u64 {
     use redb::ReadableDatabase;
-    let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
     let db = redb::Database::open(db).expect("opening the database");
     let txn = db.begin_read().unwrap();
-    txn.open_table(meta)
+    txn.open_table(META)
         .unwrap()
         .get("schema_version")
         .unwrap()

@@ -3,6 +3,11 @@
 //! (a content-writer token, an uploaded blob, a published version).
 #![allow(dead_code)]
 
+pub mod tables;
+mod tls;
+
+pub use tls::{ec_req, self_signed_cert, sign};
+
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -303,7 +308,7 @@ impl Server {
     }
 
     /// Creates image/version/artifact (qcow2, x86_64) plus an `incus.tar.xz` attachment from
-    /// the given bytes, publishes and waits for success. Returns the manifest.
+    /// the given bytes, publishes and waits for success.
     pub fn publish_image(
         &self,
         token: &str,
@@ -311,7 +316,7 @@ impl Server {
         version: &str,
         disk: &[u8],
         meta: &[u8],
-    ) -> Value {
+    ) -> Published {
         let a = draft_with_artifact(self, token, image, version, disk);
         let m = self.upload(token, meta);
         let aid = a["id"].as_str().unwrap().to_string();
@@ -332,8 +337,16 @@ impl Server {
         let job = p.json()["id"].as_str().unwrap().to_string();
         let done = self.wait_job(token, &job);
         assert_eq!(done["state"], "succeeded", "{done}");
-        self.get(&format!("/v1/images/{image}/versions/{version}"))
-            .json()
+        let manifest = json_ok(
+            &self.get(&format!("/v1/images/{image}/versions/{version}")),
+            200,
+        );
+        Published {
+            artifact_id: id_of(&manifest["artifacts"][0]["artifact"]["id"]),
+            attachment_id: id_of(&manifest["artifacts"][0]["attachments"][0]["id"]),
+            version_id: id_of(&manifest["version"]["id"]),
+            manifest,
+        }
     }
 
     /// Polls a publish job until it leaves queued/running (30 s limit).
@@ -355,6 +368,15 @@ impl Server {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// What `Server::publish_image` published: the version's manifest and the ids tests build
+/// paths from.
+pub struct Published {
+    pub manifest: Value,
+    pub version_id: String,
+    pub artifact_id: String,
+    pub attachment_id: String,
 }
 
 impl Drop for Server {
@@ -512,7 +534,7 @@ pub fn require_tool(tool: &str) -> bool {
     found
 }
 
-/// Asserts a JSON success response (API.md 1): this status, `Content-Type: application/json`
+/// Asserts a JSON success response (docs/api.md section 1): this status, `Content-Type: application/json`
 /// exactly, a body that ends with exactly one `\n`. Returns the decoded body.
 pub fn json_ok(r: &Resp, status: u16) -> Value {
     assert_eq!(r.status, status, "{}", r.text());

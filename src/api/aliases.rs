@@ -1,6 +1,6 @@
-//! `/v1/images/{name}/aliases` (API.md 4.5). Aliases are mutable pointers to published versions.
+//! `/v1/images/{name}/aliases` (docs/api.md 4.5). Aliases are mutable pointers to published versions.
 
-use super::{App, HandlerResult, err, json_body, require};
+use super::{App, HandlerResult, json_body, require};
 use crate::http::{Request, Response};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use serde::{Deserialize, Serialize};
@@ -20,16 +20,13 @@ pub fn list(app: &App, name: &str) -> HandlerResult {
     Ok(Response::json(
         200,
         &AliasList {
-            aliases: app.store.list_aliases(name).map_err(err)?,
+            aliases: app.store.list_aliases(name)?,
         },
     ))
 }
 
 pub fn get(app: &App, name: &str, alias: &str) -> HandlerResult {
-    Ok(Response::json(
-        200,
-        &app.store.alias(name, alias).map_err(err)?,
-    ))
+    Ok(Response::json(200, &app.store.alias(name, alias)?))
 }
 
 pub fn put(app: &App, req: &mut Request, name: &str, alias: &str) -> HandlerResult {
@@ -37,12 +34,12 @@ pub fn put(app: &App, req: &mut Request, name: &str, alias: &str) -> HandlerResu
     let b: PutAliasRequest = json_body(req)?;
     Ok(Response::json(
         200,
-        &app.store.put_alias(name, alias, &b.version).map_err(err)?,
+        &app.store.put_alias(name, alias, &b.version)?,
     ))
 }
 
 pub fn delete(app: &App, req: &mut Request, name: &str, alias: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
-    app.store.delete_alias(name, alias).map_err(err)?;
+    app.store.delete_alias(name, alias)?;
     Ok(Response::no_content())
 }

@@ -1,6 +1,6 @@
-//! `/v1/auth`: roles, principals, role assignments and API tokens (API.md 4.6, Decision 9).
+//! `/v1/auth`: roles, principals, role assignments and API tokens (docs/api.md 4.6 and decision 9).
 
-use super::{App, HandlerResult, err, json_body, require, uuid_param};
+use super::{App, HandlerResult, json_body, require, uuid_param};
 use crate::clock::Timestamp;
 use crate::http::{Request, Response, problem};
 use crate::model::PrincipalKind;
@@ -45,7 +45,7 @@ pub fn list_principals(app: &App, req: &mut Request) -> HandlerResult {
     Ok(Response::json(
         200,
         &Principals {
-            principals: app.store.principals().map_err(err)?,
+            principals: app.store.principals()?,
         },
     ))
 }
@@ -65,21 +65,20 @@ pub fn create_principal(app: &App, req: &mut Request) -> HandlerResult {
     };
     let p = app
         .store
-        .create_principal(kind, &b.display_name, b.attributes)
-        .map_err(err)?;
+        .create_principal(kind, &b.display_name, b.attributes)?;
     Ok(Response::json(201, &p))
 }
 
 pub fn get_principal(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     require(app, req, ACTION_AUTH_MANAGE)?;
     let id = uuid_param(id, "principal id")?;
-    Ok(Response::json(200, &app.store.principal(id).map_err(err)?))
+    Ok(Response::json(200, &app.store.principal(id)?))
 }
 
 pub fn set_role(app: &App, req: &mut Request, id: &str, role: &str, grant: bool) -> HandlerResult {
     require(app, req, ACTION_AUTH_MANAGE)?;
     let id = uuid_param(id, "principal id")?;
-    app.store.set_role(id, role, grant).map_err(err)?;
+    app.store.set_role(id, role, grant)?;
     Ok(Response::no_content())
 }
 
@@ -89,7 +88,7 @@ pub fn list_tokens(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     Ok(Response::json(
         200,
         &Tokens {
-            api_tokens: app.store.tokens_of(id).map_err(err)?,
+            api_tokens: app.store.tokens_of(id)?,
         },
     ))
 }
@@ -110,16 +109,13 @@ pub fn issue_token(app: &App, req: &mut Request, id: &str) -> HandlerResult {
             "auth invalid input: expires_at must be in the future",
         ));
     }
-    let token = app
-        .store
-        .issue_token(id, &b.name, expires_at)
-        .map_err(err)?;
+    let token = app.store.issue_token(id, &b.name, expires_at)?;
     Ok(Response::json(201, &token))
 }
 
 pub fn revoke_token(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     require(app, req, ACTION_AUTH_MANAGE)?;
     let id = uuid_param(id, "api token id")?;
-    app.store.revoke_token(id).map_err(err)?;
+    app.store.revoke_token(id)?;
     Ok(Response::no_content())
 }

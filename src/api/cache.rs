@@ -15,7 +15,6 @@
 //! Downloads and the Simple Streams documents set their own headers (an immutable digest tag,
 //! a per-generation rendering) and are left alone here.
 
-use super::Route;
 use crate::clock::Timestamp;
 use crate::http::{Body, Request, Response, not_modified};
 
@@ -35,27 +34,6 @@ pub(super) enum Policy {
     /// Never stored anywhere (`no-store`): principals, roles and API tokens, on every method,
     /// since a token's plaintext is answered once by a `POST`.
     NoStore,
-}
-
-/// The policy of a route. Routes not named here (the write-only ones, and any route added
-/// later until it is classified) are `Private`: the safe default for a response whose
-/// dependence on the caller is unknown.
-pub(super) fn policy(route: &Route) -> Policy {
-    use Route::*;
-    match route {
-        Healthz
-        | Readyz
-        | StreamsIndex
-        | StreamsImages
-        | Blob(..)
-        | ArtifactDownload(..)
-        | AttachmentDownload(..) => Policy::Own,
-        OpenApi | Images | Image(..) | Versions(..) | Version(..) | Artifacts(..)
-        | Artifact(..) | Aliases(..) | Alias(..) | Ref(..) | Retention(..) => Policy::Shared,
-        Roles | Principals | Principal(..) | PrincipalRole(..) | PrincipalTokens(..)
-        | Token(..) => Policy::NoStore,
-        _ => Policy::Private,
-    }
 }
 
 /// Adds the route's caching headers to `resp`, answering 304 when the request's

@@ -1,10 +1,9 @@
-//! Images, versions, manifests, artifacts and attachments (API.md 4.2 and 4.3).
+//! Images, versions, manifests, artifacts and attachments (docs/api.md 4.2 and 4.3).
 
-use super::{App, HandlerResult, err, json_body, require, uuid_param};
-use crate::http::{Request, Response, problem};
+use super::{App, HandlerResult, json_body, require, uuid_param};
+use crate::http::{Request, Response};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use crate::store::catalog::{NewArtifact, NewAttachment};
-use crate::validate;
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize, Default)]
@@ -21,30 +20,6 @@ struct CreateVersionRequest {
     version: String,
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct AddArtifactRequest {
-    variant: String,
-    operating_system: String,
-    architecture: String,
-    format: String,
-    primary_blob_digest: String,
-    #[serde(deserialize_with = "super::integer")]
-    primary_blob_size_bytes: i64,
-    primary_media_type: String,
-    incus_requirements: std::collections::BTreeMap<String, String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
-struct AddAttachmentRequest {
-    name: String,
-    media_type: String,
-    blob_digest: String,
-    #[serde(deserialize_with = "super::integer")]
-    blob_size_bytes: i64,
-}
-
 #[derive(Serialize)]
 struct Images<T> {
     images: Vec<T>,
@@ -58,20 +33,12 @@ struct Artifacts<T> {
     artifacts: Vec<T>,
 }
 
-fn digest_invalid(kind: &str) -> Response {
-    problem(
-        400,
-        &format!("{kind} invalid input: digest must match sha256:<64 lowercase hex chars>"),
-    )
-}
-
 pub fn create_image(app: &App, req: &mut Request) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let b: CreateImageRequest = json_body(req)?;
     let image = app
         .store
-        .create_image(&b.name, b.display_name, b.description)
-        .map_err(err)?;
+        .create_image(&b.name, b.display_name, b.description)?;
     Ok(Response::json(201, &image))
 }
 
@@ -79,16 +46,13 @@ pub fn list_images(app: &App) -> HandlerResult {
     Ok(Response::json(
         200,
         &Images {
-            images: app.store.list_images().map_err(err)?,
+            images: app.store.list_images()?,
         },
     ))
 }
 
 pub fn get_image(app: &App, name: &str) -> HandlerResult {
-    Ok(Response::json(
-        200,
-        &app.store.published_image(name).map_err(err)?,
-    ))
+    Ok(Response::json(200, &app.store.published_image(name)?))
 }
 
 pub fn create_version(app: &App, req: &mut Request, name: &str) -> HandlerResult {
@@ -96,7 +60,7 @@ pub fn create_version(app: &App, req: &mut Request, name: &str) -> HandlerResult
     let b: CreateVersionRequest = json_body(req)?;
     Ok(Response::json(
         201,
-        &app.store.create_version(name, &b.version).map_err(err)?,
+        &app.store.create_version(name, &b.version)?,
     ))
 }
 
@@ -104,7 +68,7 @@ pub fn list_versions(app: &App, name: &str) -> HandlerResult {
     Ok(Response::json(
         200,
         &Versions {
-            versions: app.store.list_published_versions(name).map_err(err)?,
+            versions: app.store.list_published_versions(name)?,
         },
     ))
 }
@@ -112,14 +76,14 @@ pub fn list_versions(app: &App, name: &str) -> HandlerResult {
 pub fn manifest(app: &App, name: &str, version: &str) -> HandlerResult {
     Ok(Response::json(
         200,
-        &app.store.manifest(name, version, false).map_err(err)?,
+        &app.store.manifest(name, version, false)?,
     ))
 }
 
 pub fn resolve_ref(app: &App, name: &str, reference: &str) -> HandlerResult {
     Ok(Response::json(
         200,
-        &app.store.resolve_ref(name, reference).map_err(err)?,
+        &app.store.resolve_ref(name, reference)?,
     ))
 }
 
@@ -127,44 +91,24 @@ pub fn list_artifacts(app: &App, name: &str, version: &str) -> HandlerResult {
     Ok(Response::json(
         200,
         &Artifacts {
-            artifacts: app.store.published_artifacts(name, version).map_err(err)?,
+            artifacts: app.store.published_artifacts(name, version)?,
         },
     ))
 }
 
 pub fn get_artifact(app: &App, name: &str, version: &str, artifact: &str) -> HandlerResult {
     let id = uuid_param(artifact, "artifact id")?;
-    let (_, a) = app
-        .store
-        .published_artifact(name, version, id)
-        .map_err(err)?;
+    let (_, a) = app.store.published_artifact(name, version, id)?;
     Ok(Response::json(200, &a))
 }
 
 pub fn add_artifact(app: &App, req: &mut Request, name: &str, version: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
-    let b: AddArtifactRequest = json_body(req)?;
-    if !validate::digest(&b.primary_blob_digest) {
-        return Err(digest_invalid("catalog"));
-    }
-    let a = app
-        .store
-        .add_artifact(
-            name,
-            version,
-            NewArtifact {
-                variant: b.variant,
-                operating_system: b.operating_system,
-                architecture: b.architecture,
-                format: b.format,
-                primary_blob_digest: b.primary_blob_digest,
-                primary_blob_size_bytes: b.primary_blob_size_bytes,
-                primary_media_type: b.primary_media_type,
-                incus_requirements: b.incus_requirements,
-            },
-        )
-        .map_err(err)?;
-    Ok(Response::json(201, &a))
+    let new: NewArtifact = json_body(req)?;
+    Ok(Response::json(
+        201,
+        &app.store.add_artifact(name, version, new)?,
+    ))
 }
 
 pub fn delete_artifact(
@@ -176,7 +120,7 @@ pub fn delete_artifact(
 ) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(artifact, "artifact id")?;
-    app.store.delete_artifact(name, version, id).map_err(err)?;
+    app.store.delete_artifact(name, version, id)?;
     Ok(Response::no_content())
 }
 
@@ -189,25 +133,11 @@ pub fn add_attachment(
 ) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(artifact, "artifact id")?;
-    let b: AddAttachmentRequest = json_body(req)?;
-    if !validate::digest(&b.blob_digest) {
-        return Err(digest_invalid("catalog"));
-    }
-    let att = app
-        .store
-        .add_attachment(
-            name,
-            version,
-            id,
-            NewAttachment {
-                name: b.name,
-                media_type: b.media_type,
-                blob_digest: b.blob_digest,
-                blob_size_bytes: b.blob_size_bytes,
-            },
-        )
-        .map_err(err)?;
-    Ok(Response::json(201, &att))
+    let new: NewAttachment = json_body(req)?;
+    Ok(Response::json(
+        201,
+        &app.store.add_attachment(name, version, id, new)?,
+    ))
 }
 
 pub fn delete_attachment(
@@ -222,7 +152,6 @@ pub fn delete_attachment(
     let artifact = uuid_param(artifact, "artifact id")?;
     let attachment = uuid_param(attachment, "attachment id")?;
     app.store
-        .delete_attachment(name, version, artifact, attachment)
-        .map_err(err)?;
+        .delete_attachment(name, version, artifact, attachment)?;
     Ok(Response::no_content())
 }

@@ -1,10 +1,11 @@
-//! Downloads of blobs, artifacts and attachments with the HTTP semantics of API.md section 6:
+//! Downloads of blobs, artifacts and attachments with the HTTP semantics of docs/api.md section 6:
 //! strong ETags, conditional requests, single ranges, HEAD, and the trailing file-name route
-//! with `Content-Disposition` of Decision 6. Bytes stream from redb and every chunk is verified
+//! with `Content-Disposition` of docs/api.md, decision 6. Bytes stream from redb and every chunk is verified
 //! before it is sent.
 
-use super::{App, HandlerResult, err, uuid_param};
+use super::{App, HandlerResult, uuid_param};
 use crate::clock::Timestamp;
+use crate::digest::Digest;
 use crate::http::{
     Body, RangeOutcome, Request, Response, if_range_allows, not_modified, parse_range, problem,
 };
@@ -13,7 +14,7 @@ use crate::validate;
 
 /// What is served and how it is described.
 struct Representation {
-    digest: String,
+    digest: Digest,
     content_type: String,
     last_modified: Timestamp,
     filename: Option<String>,
@@ -21,19 +22,14 @@ struct Representation {
 
 /// The blob's record (404 when it does not exist). Its bytes are opened by the front door,
 /// which streams them, in one snapshot with the record it checks again there.
-fn load_blob(app: &App, digest: &str) -> Result<([u8; 32], BlobRecord), Response> {
-    let key = validate::digest_bytes(digest)
-        .ok_or_else(|| Response::from(crate::error::Error::internal("stored digest is invalid")))?;
-    let record = app
-        .store
-        .blob(&key)
-        .map_err(err)?
-        .ok_or_else(|| problem(404, &format!("blob not found: {digest}")))?;
-    Ok((key, record))
+fn load_blob(app: &App, digest: &Digest) -> Result<BlobRecord, Response> {
+    app.store
+        .blob(digest.as_bytes())?
+        .ok_or_else(|| problem(404, &format!("blob not found: {digest}")))
 }
 
 /// Answers for a representation whose blob record was already loaded.
-fn serve(req: &Request, rep: Representation, key: [u8; 32], size: u64) -> HandlerResult {
+fn serve(req: &Request, rep: Representation, size: u64) -> HandlerResult {
     let etag = format!("\"{}\"", rep.digest);
     let mut base = Response::new(200)
         .header("ETag", etag.clone())
@@ -74,7 +70,7 @@ fn serve(req: &Request, rep: Representation, key: [u8; 32], size: u64) -> Handle
     base = base.header("Content-Type", rep.content_type);
     base.content_length = Some(end - start);
     base.body = Body::Blob {
-        digest: key,
+        digest: *rep.digest.as_bytes(),
         start,
         end,
     };
@@ -82,22 +78,22 @@ fn serve(req: &Request, rep: Representation, key: [u8; 32], size: u64) -> Handle
 }
 
 pub fn blob(app: &App, req: &Request, digest: &str) -> HandlerResult {
-    if !validate::digest(digest) {
-        return Err(problem(
+    let digest = Digest::parse(digest).ok_or_else(|| {
+        problem(
             400,
-            "upload invalid input: digest must match sha256:<64 lowercase hex chars>",
-        ));
-    }
-    let (key, record) = load_blob(app, digest)?;
+            &format!("upload invalid input: {}", validate::DIGEST_RULE),
+        )
+    })?;
+    let record = load_blob(app, &digest)?;
     let rep = Representation {
-        digest: digest.to_string(),
+        digest,
         content_type: record
             .media_type
             .unwrap_or_else(|| "application/octet-stream".to_string()),
         last_modified: record.verified_at,
         filename: None,
     };
-    serve(req, rep, key, record.size)
+    serve(req, rep, record.size)
 }
 
 fn check_filename(given: Option<&str>, canonical: &str) -> Result<(), Response> {
@@ -122,19 +118,18 @@ pub fn artifact(
     // A retired version's files stay downloadable here for the grace period.
     let found = app
         .store
-        .artifact_for_download(name, version, id, Timestamp::now())
-        .map_err(err)?;
+        .artifact_for_download(name, version, id, Timestamp::now())?;
     let a = super::retention::served(name, found)?;
     let canonical = validate::artifact_file_name(&a.format);
     check_filename(filename, &canonical)?;
-    let (key, record) = load_blob(app, &a.primary_blob_digest)?;
+    let record = load_blob(app, &a.primary_blob_digest)?;
     let rep = Representation {
         digest: a.primary_blob_digest,
         content_type: a.primary_media_type,
         last_modified: a.updated_at,
         filename: Some(canonical),
     };
-    serve(req, rep, key, record.size)
+    serve(req, rep, record.size)
 }
 
 pub fn attachment(
@@ -148,18 +143,17 @@ pub fn attachment(
 ) -> HandlerResult {
     let artifact = uuid_param(artifact, "artifact id")?;
     let attachment = uuid_param(attachment, "attachment id")?;
-    let found = app
-        .store
-        .attachment_for_download(name, version, artifact, attachment, Timestamp::now())
-        .map_err(err)?;
+    let found =
+        app.store
+            .attachment_for_download(name, version, artifact, attachment, Timestamp::now())?;
     let att = super::retention::served(name, found)?;
     check_filename(filename, &att.name)?;
-    let (key, record) = load_blob(app, &att.blob_digest)?;
+    let record = load_blob(app, &att.blob_digest)?;
     let rep = Representation {
         digest: att.blob_digest,
         content_type: att.media_type,
         last_modified: att.updated_at,
         filename: Some(att.name),
     };
-    serve(req, rep, key, record.size)
+    serve(req, rep, record.size)
 }

@@ -32,7 +32,7 @@ fn base_url(app: &App, req: &Request) -> String {
 }
 
 fn etag(generation: u64, base: &str) -> String {
-    let base_hash = crate::validate::hex(&Sha256::digest(base.as_bytes()));
+    let base_hash = crate::digest::hex(&Sha256::digest(base.as_bytes()));
     format!(
         "\"page-{}-{generation}-{}\"",
         env!("CARGO_PKG_VERSION"),

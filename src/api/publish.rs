@@ -1,6 +1,6 @@
-//! Publishing and publish jobs (API.md 4.4, Decisions 4 and 5).
+//! Publishing and publish jobs (docs/api.md 4.4 and decisions 4 and 5).
 
-use super::{App, HandlerResult, err, require, uuid_param};
+use super::{App, HandlerResult, require, uuid_param};
 use crate::http::{Request, Response, problem};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 
@@ -17,7 +17,7 @@ fn enqueue(app: &App, id: uuid::Uuid) -> Result<(), Response> {
 
 pub fn publish(app: &App, req: &mut Request, name: &str, version: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
-    let (job, created) = app.store.publish(name, version).map_err(err)?;
+    let (job, created) = app.store.publish(name, version)?;
     if created {
         enqueue(app, job.id)?;
         Ok(Response::json(202, &job))
@@ -29,13 +29,13 @@ pub fn publish(app: &App, req: &mut Request, name: &str, version: &str) -> Handl
 pub fn get_job(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(id, "publish job id")?;
-    Ok(Response::json(200, &app.store.job(id).map_err(err)?))
+    Ok(Response::json(200, &app.store.job(id)?))
 }
 
 pub fn retry(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(id, "publish job id")?;
-    let job = app.store.retry_job(id).map_err(err)?;
+    let job = app.store.retry_job(id)?;
     enqueue(app, job.id)?;
     Ok(Response::json(202, &job))
 }

@@ -3,7 +3,7 @@
 //! `/v1/images/{name}/retention/preview`. The rules live in `store/retire.rs` and
 //! `store/retention.rs`; these handlers only authenticate, decode and answer.
 
-use super::{App, HandlerResult, err, json_body, require};
+use super::{App, HandlerResult, json_body, require};
 use crate::clock::Timestamp;
 use crate::http::{Request, Response, problem};
 use crate::store::auth::ACTION_CONTENT_WRITE;
@@ -22,39 +22,31 @@ struct PolicyRequest {
 /// naming the aliases that still point at it (or saying that it is a draft or publishing).
 pub fn retire(app: &App, req: &mut Request, name: &str, version: &str) -> HandlerResult {
     let caller = require(app, req, ACTION_CONTENT_WRITE)?;
-    app.store
-        .retire_version(
-            name,
-            version,
-            Retirer::Principal {
-                principal_id: caller.principal_id,
-            },
-            app.retire_grace,
-        )
-        .map_err(err)?;
+    app.store.retire_version(
+        name,
+        version,
+        Retirer::Principal {
+            principal_id: caller.principal_id,
+        },
+        app.retire_grace,
+    )?;
     Ok(Response::no_content())
 }
 
 pub fn get(app: &App, name: &str) -> HandlerResult {
-    Ok(Response::json(
-        200,
-        &app.store.retention(name).map_err(err)?,
-    ))
+    Ok(Response::json(200, &app.store.retention(name)?))
 }
 
 pub fn put(app: &App, req: &mut Request, name: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let b: PolicyRequest = json_body(req)?;
-    let policy = retention::policy(b.keep_last, b.keep_days).map_err(err)?;
-    Ok(Response::json(
-        200,
-        &app.store.put_retention(name, policy).map_err(err)?,
-    ))
+    let policy = retention::policy(b.keep_last, b.keep_days)?;
+    Ok(Response::json(200, &app.store.put_retention(name, policy)?))
 }
 
 pub fn delete(app: &App, req: &mut Request, name: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
-    app.store.delete_retention(name).map_err(err)?;
+    app.store.delete_retention(name)?;
     Ok(Response::no_content())
 }
 
@@ -66,13 +58,12 @@ pub fn preview(app: &App, req: &mut Request, name: &str) -> HandlerResult {
         None
     } else {
         let b: PolicyRequest = json_body(req)?;
-        Some(retention::policy(b.keep_last, b.keep_days).map_err(err)?)
+        Some(retention::policy(b.keep_last, b.keep_days)?)
     };
     Ok(Response::json(
         200,
         &app.store
-            .preview_retention(name, policy, Timestamp::now())
-            .map_err(err)?,
+            .preview_retention(name, policy, Timestamp::now())?,
     ))
 }
 

@@ -1,31 +1,20 @@
 //! `/v1/uploads`: begin, parts, complete, abort, get (API.md 4.1, Decisions 2 and 3).
 
-use super::{App, HandlerResult, Object, err, json_body, require, uuid_param};
+use super::{App, HandlerResult, Object, json_body, require, uuid_param};
 use crate::http::{Request, Response, problem};
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use crate::store::chunks::CHUNK_SIZE;
 use crate::store::uploads::{BeginUpload, MAX_PART_SIZE};
-use crate::validate;
 use serde::Deserialize;
 use std::io::Read;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
-struct BeginUploadRequest {
-    expected_digest: String,
-    #[serde(deserialize_with = "super::integer")]
-    expected_size_bytes: i64,
-    media_type_hint: Option<String>,
-    filename_hint: Option<String>,
-}
-
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields, default)]
 struct CompletePart {
-    #[serde(deserialize_with = "super::integer")]
+    #[serde(deserialize_with = "crate::model::integer")]
     number: i64,
     etag: String,
-    #[serde(deserialize_with = "super::integer")]
+    #[serde(deserialize_with = "crate::model::integer")]
     size_bytes: i64,
 }
 
@@ -35,53 +24,16 @@ struct CompleteUploadRequest {
     parts: Vec<Object<CompletePart>>,
 }
 
-fn upload_invalid(msg: &str) -> Response {
-    problem(400, &format!("upload invalid input: {msg}"))
-}
-
 pub fn begin(app: &App, req: &mut Request) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
-    let body: BeginUploadRequest = json_body(req)?;
-    if !validate::digest(&body.expected_digest) {
-        return Err(upload_invalid(
-            "digest must match sha256:<64 lowercase hex chars>",
-        ));
-    }
-    if body.expected_size_bytes < 0 {
-        return Err(upload_invalid("expected size must be non-negative"));
-    }
-    if body
-        .media_type_hint
-        .as_deref()
-        .is_some_and(|h| !validate::non_blank(h))
-    {
-        return Err(upload_invalid("media type hint is required"));
-    }
-    if body
-        .filename_hint
-        .as_deref()
-        .is_some_and(|h| !validate::non_blank(h))
-    {
-        return Err(upload_invalid("filename hint is required"));
-    }
-    let (session, fresh) = app
-        .store
-        .begin_upload(
-            BeginUpload {
-                expected_digest: body.expected_digest,
-                expected_size_bytes: body.expected_size_bytes,
-                media_type_hint: body.media_type_hint,
-                filename_hint: body.filename_hint,
-            },
-            app.upload_ttl,
-        )
-        .map_err(err)?;
+    let begin: BeginUpload = json_body(req)?;
+    let (session, fresh) = app.store.begin_upload(begin, app.upload_ttl)?;
     Ok(Response::json(if fresh { 201 } else { 200 }, &session))
 }
 
 pub fn get(app: &App, id: &str) -> HandlerResult {
     let id = uuid_param(id, "upload id")?;
-    Ok(Response::json(200, &app.store.upload(id).map_err(err)?))
+    Ok(Response::json(200, &app.store.upload(id)?))
 }
 
 pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> HandlerResult {
@@ -102,10 +54,10 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
             &format!("part size must be at most {MAX_PART_SIZE} bytes"),
         ));
     }
-    app.store.check_accepts_parts(id).map_err(err)?;
+    app.store.check_accepts_parts(id)?;
     // Refuse with 507 before reading a byte when the part would eat into the disk reserve;
     // the claim holds its space against concurrent uploads until this part is stored.
-    let _claim = app.store.admit(length).map_err(err)?;
+    let _claim = app.store.admit(length)?;
 
     // Stream the body one chunk at a time: memory per request is one chunk buffer, and each
     // chunk is committed before the next byte is read from the socket.
@@ -120,10 +72,10 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
                 &format!("reading part body: {e} ({remaining} bytes missing)"),
             )
         })?;
-        writer.write_chunk(&buf[..want]).map_err(err)?;
+        writer.write_chunk(&buf[..want])?;
         remaining -= want as u64;
     }
-    let part = writer.finish().map_err(err)?;
+    let part = writer.finish()?;
     Ok(Response::json(200, &part))
 }
 
@@ -161,15 +113,12 @@ pub fn complete(app: &App, req: &mut Request, id: &str) -> HandlerResult {
             (n, p.etag, p.size_bytes)
         })
         .collect();
-    let session = app.store.complete_upload(id, &listed).map_err(err)?;
+    let session = app.store.complete_upload(id, &listed)?;
     Ok(Response::json(200, &session))
 }
 
 pub fn abort(app: &App, req: &mut Request, id: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(id, "upload id")?;
-    Ok(Response::json(
-        200,
-        &app.store.abort_upload(id).map_err(err)?,
-    ))
+    Ok(Response::json(200, &app.store.abort_upload(id)?))
 }

@@ -1,4 +1,4 @@
-//! Principals, role assignments and API tokens (Decision 9).
+//! Principals, role assignments and API tokens (docs/api.md, decision 9).
 //!
 //! A token's plaintext is `imgsrv_at_<token id as 32 hex>_<secret as 64 hex>`; only the sha256
 //! of the secret is stored and it is compared in constant time. The id part lets a lookup go
@@ -142,7 +142,7 @@ impl Store {
         expires_at: Timestamp,
     ) -> Result<AuthApiToken> {
         let id = Uuid::new_v4();
-        let secret = validate::hex(&random_bytes::<32>()?);
+        let secret = crate::digest::hex(&random_bytes::<32>()?);
         let plaintext = format!("{TOKEN_PREFIX}{}_{secret}", id.simple());
         let token = AuthApiToken {
             id,
@@ -155,7 +155,7 @@ impl Store {
         };
         let stored = StoredToken {
             token: token.clone(),
-            secret_sha256: validate::hex(&Sha256::digest(secret.as_bytes())),
+            secret_sha256: crate::digest::hex(&Sha256::digest(secret.as_bytes())),
         };
         begin_write_scope(self, |txn| {
             if load::<AuthPrincipal>(
@@ -213,7 +213,7 @@ impl Store {
         else {
             return Ok(None);
         };
-        let presented = validate::hex(&Sha256::digest(secret.as_bytes()));
+        let presented = crate::digest::hex(&Sha256::digest(secret.as_bytes()));
         let matches: bool = presented
             .as_bytes()
             .ct_eq(stored.secret_sha256.as_bytes())

@@ -5,12 +5,14 @@
 //!  media type bytes | u32 chunk count | count x (32-byte chunk sha256, u32 chunk length)`.
 
 use super::chunks::{self, ChunkRef};
+use super::refcount::BlobRefs;
 use super::tables::{BLOB_REFS, BLOBS, CHUNK_SUMS, CHUNKS};
 use super::{Store, begin_write_scope};
 use crate::clock::Timestamp;
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use redb::{ReadOnlyTable, ReadableTable, WriteTransaction};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -76,25 +78,23 @@ pub fn get_in(
     }
 }
 
-/// Adjusts the number of catalog references to a digest (artifacts and attachments).
-pub fn change_refs(txn: &WriteTransaction, digest: &[u8; 32], delta: i64) -> Result<()> {
-    let mut refs = txn.open_table(BLOB_REFS)?;
-    let (count, hold) = refs.get(digest)?.map(|v| v.value()).unwrap_or((0, 0));
-    let count = (count as i64 + delta).max(0) as u64;
-    refs.insert(digest, (count, hold))?;
-    drop(refs);
-    if count == 0 {
-        collect_if_unused(txn, digest, Timestamp::now())?;
+/// Counts one more catalog reference (an artifact or attachment) to a digest.
+pub fn add_ref(txn: &WriteTransaction, digest: &Digest) -> Result<()> {
+    BlobRefs::open(txn)?.increment(digest.as_bytes())
+}
+
+/// Drops one catalog reference to a digest, collecting the blob when it was the last and no
+/// upload session holds it.
+pub fn drop_ref(txn: &WriteTransaction, digest: &Digest) -> Result<()> {
+    if BlobRefs::open(txn)?.decrement(digest.as_bytes())? == 0 {
+        collect_if_unused(txn, digest.as_bytes(), Timestamp::now())?;
     }
     Ok(())
 }
 
 /// Keeps a blob alive at least until `until` (a ready upload session's expiry).
 pub fn hold_until(txn: &WriteTransaction, digest: &[u8; 32], until: Timestamp) -> Result<()> {
-    let mut refs = txn.open_table(BLOB_REFS)?;
-    let (count, hold) = refs.get(digest)?.map(|v| v.value()).unwrap_or((0, 0));
-    refs.insert(digest, (count, hold.max(until.unix_seconds())))?;
-    Ok(())
+    BlobRefs::open(txn)?.hold_until(digest, until)
 }
 
 /// Deletes a blob and releases its chunks when no catalog row references it and no ready
@@ -104,12 +104,13 @@ pub fn collect_if_unused(
     digest: &[u8; 32],
     now: Timestamp,
 ) -> Result<bool> {
-    let mut refs = txn.open_table(BLOB_REFS)?;
-    let (count, hold) = refs.get(digest)?.map(|v| v.value()).unwrap_or((0, 0));
+    let mut refs = BlobRefs::open(txn)?;
+    let (count, hold) = refs.get(digest)?;
     if count > 0 || hold > now.unix_seconds() {
         return Ok(false);
     }
     refs.remove(digest)?;
+    drop(refs);
     let mut blobs = txn.open_table(BLOBS)?;
     let record = match blobs.remove(digest)? {
         Some(v) => BlobRecord::decode(v.value())?,
@@ -181,7 +182,7 @@ impl Store {
                 Ok(false) => {}
                 Err(e) => crate::log::error(&format!(
                     "garbage collection skipped blob {}: {e}",
-                    crate::validate::digest_string(&digest)
+                    Digest::from(digest)
                 )),
             }
         }
@@ -266,7 +267,7 @@ impl BlobReader {
 
     fn fail(&self, what: &str) -> io::Error {
         VERIFY_FAILURES.fetch_add(1, Ordering::Relaxed);
-        let digest = crate::validate::digest_string(&self.digest);
+        let digest = Digest::from(self.digest);
         crate::log::error(&format!(
             "{what} while serving blob {digest}; download cut short"
         ));

@@ -1,244 +1,25 @@
-//! Images, versions, artifacts, attachments and aliases.
+//! Images, versions, artifacts and attachments.
 //!
-//! Every mutation runs in one durable write transaction and validates in the order API.md
+//! Every mutation runs in one durable write transaction and validates in the order docs/api.md
 //! section 4 gives, so a rejected request leaves the data unchanged. Catalog rows count their
 //! blob references in `BLOB_REFS`, which is what garbage collection consults.
 
 use super::blobs;
+use super::read::{
+    CatalogRead, has_published, image_not_found, image_version, manifest_in, version_not_found,
+};
 use super::tables::*;
-use super::{Store, begin_write_scope, bump_generation, decode, encode, load, save};
+use super::{Store, begin_write_scope, decode, load, save};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::*;
-use crate::validate;
-use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use crate::validate::{
+    self, catalog_invalid as invalid, check_digest, check_image_name, check_optional_text,
+    check_token, check_version,
+};
+use redb::{ReadableTable, WriteTransaction};
+use serde::Deserialize;
 use uuid::Uuid;
-
-fn invalid(msg: String) -> Error {
-    Error::invalid(format!("catalog invalid input: {msg}"))
-}
-
-pub fn check_image_name(name: &str) -> Result<()> {
-    if validate::image_name(name) {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "image name must match {}",
-            validate::IMAGE_NAME_PATTERN
-        )))
-    }
-}
-
-pub fn check_version(version: &str) -> Result<()> {
-    if validate::version(version) {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "version must match {}",
-            validate::VERSION_PATTERN
-        )))
-    }
-}
-
-pub fn check_alias(alias: &str) -> Result<()> {
-    if validate::alias(alias) {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "alias must match {}",
-            validate::ALIAS_PATTERN
-        )))
-    }
-}
-
-fn check_token(what: &str, value: &str) -> Result<()> {
-    if validate::token(value) {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "{what} must match {}",
-            validate::TOKEN_PATTERN
-        )))
-    }
-}
-
-fn check_optional_text(what: &str, value: &Option<String>) -> Result<()> {
-    match value {
-        Some(v) if !validate::non_blank(v) => Err(invalid(format!("{what} must not be blank"))),
-        _ => Ok(()),
-    }
-}
-
-fn image_not_found(name: &str) -> Error {
-    Error::not_found(format!("catalog not found: image {name:?}"))
-}
-
-fn version_not_found(name: &str, version: &str) -> Error {
-    Error::not_found(format!(
-        "catalog not found: image {name:?} version {version:?}"
-    ))
-}
-
-/// Read access shared by read and write transactions.
-pub(crate) trait CatalogRead {
-    fn image_by_name(&self, name: &str) -> Result<Option<Image>>;
-    fn version_of(&self, image: &Image, version: &str) -> Result<Option<ImageVersion>>;
-    fn versions_of(&self, image: &Image) -> Result<Vec<ImageVersion>>;
-    fn artifacts_of(&self, version_id: Uuid) -> Result<Vec<Artifact>>;
-    fn attachments_of(&self, artifact_id: Uuid) -> Result<Vec<Attachment>>;
-    fn artifact(&self, id: Uuid) -> Result<Option<Artifact>>;
-    fn attachment(&self, id: Uuid) -> Result<Option<Attachment>>;
-    fn version_by_id(&self, id: Uuid) -> Result<Option<ImageVersion>>;
-    fn aliases_of(&self, image_id: Uuid) -> Result<Vec<Alias>>;
-}
-
-macro_rules! catalog_read_impl {
-    ($t:ty) => {
-        impl CatalogRead for $t {
-            fn image_by_name(&self, name: &str) -> Result<Option<Image>> {
-                let names = self.open_table(IMAGE_NAMES)?;
-                let Some(id) = names.get(name)?.map(|v| v.value()) else {
-                    return Ok(None);
-                };
-                load(&self.open_table(IMAGES)?, id, "image")
-            }
-
-            fn version_of(&self, image: &Image, version: &str) -> Result<Option<ImageVersion>> {
-                let keys = self.open_table(VERSION_KEYS)?;
-                let Some(id) = keys.get((image.id.as_u128(), version))?.map(|v| v.value()) else {
-                    return Ok(None);
-                };
-                load(&self.open_table(VERSIONS)?, id, "version")
-            }
-
-            fn versions_of(&self, image: &Image) -> Result<Vec<ImageVersion>> {
-                let keys = self.open_table(VERSION_KEYS)?;
-                let versions = self.open_table(VERSIONS)?;
-                let id = image.id.as_u128();
-                let mut out = Vec::new();
-                for row in keys.range((id, "")..(id + 1, ""))? {
-                    let (_, v) = row?;
-                    if let Some(ver) = load(&versions, v.value(), "version")? {
-                        out.push(ver);
-                    }
-                }
-                Ok(out)
-            }
-
-            fn artifacts_of(&self, version_id: Uuid) -> Result<Vec<Artifact>> {
-                let idx = self.open_table(VERSION_ARTIFACTS)?;
-                let arts = self.open_table(ARTIFACTS)?;
-                let v = version_id.as_u128();
-                let mut out = Vec::new();
-                for row in idx.range((v, 0u128)..=(v, u128::MAX))? {
-                    let (k, _) = row?;
-                    if let Some(a) = load(&arts, k.value().1, "artifact")? {
-                        out.push(a);
-                    }
-                }
-                Ok(out)
-            }
-
-            fn attachments_of(&self, artifact_id: Uuid) -> Result<Vec<Attachment>> {
-                let idx = self.open_table(ARTIFACT_ATTACHMENTS)?;
-                let atts = self.open_table(ATTACHMENTS)?;
-                let a = artifact_id.as_u128();
-                let mut out = Vec::new();
-                for row in idx.range((a, 0u128)..=(a, u128::MAX))? {
-                    let (k, _) = row?;
-                    if let Some(x) = load(&atts, k.value().1, "attachment")? {
-                        out.push(x);
-                    }
-                }
-                Ok(out)
-            }
-
-            fn artifact(&self, id: Uuid) -> Result<Option<Artifact>> {
-                load(&self.open_table(ARTIFACTS)?, id.as_u128(), "artifact")
-            }
-
-            fn attachment(&self, id: Uuid) -> Result<Option<Attachment>> {
-                load(&self.open_table(ATTACHMENTS)?, id.as_u128(), "attachment")
-            }
-
-            fn version_by_id(&self, id: Uuid) -> Result<Option<ImageVersion>> {
-                load(&self.open_table(VERSIONS)?, id.as_u128(), "version")
-            }
-
-            fn aliases_of(&self, image_id: Uuid) -> Result<Vec<Alias>> {
-                let t = self.open_table(ALIASES)?;
-                let id = image_id.as_u128();
-                let mut out = Vec::new();
-                for row in t.range((id, "")..(id + 1, ""))? {
-                    let (_, v) = row?;
-                    out.push(decode(v.value(), "alias")?);
-                }
-                Ok(out)
-            }
-        }
-    };
-}
-catalog_read_impl!(ReadTransaction);
-catalog_read_impl!(WriteTransaction);
-
-fn has_published(r: &impl CatalogRead, image: &Image) -> Result<bool> {
-    Ok(r.versions_of(image)?
-        .iter()
-        .any(|v| v.state == VersionState::Published))
-}
-
-fn sort_artifacts(list: &mut [Artifact]) {
-    list.sort_by(|a, b| {
-        (
-            &a.variant,
-            &a.operating_system,
-            &a.architecture,
-            &a.format,
-            a.id,
-        )
-            .cmp(&(
-                &b.variant,
-                &b.operating_system,
-                &b.architecture,
-                &b.format,
-                b.id,
-            ))
-    });
-}
-
-pub(crate) fn manifest_in(
-    r: &impl CatalogRead,
-    image: Image,
-    version: ImageVersion,
-) -> Result<Manifest> {
-    let mut arts = r.artifacts_of(version.id)?;
-    sort_artifacts(&mut arts);
-    let mut artifacts = Vec::with_capacity(arts.len());
-    for artifact in arts {
-        let mut attachments = r.attachments_of(artifact.id)?;
-        attachments.sort_by(|a, b| (&a.name, a.id).cmp(&(&b.name, b.id)));
-        artifacts.push(ArtifactWithAttachments {
-            artifact,
-            attachments,
-        });
-    }
-    Ok(Manifest {
-        image,
-        version,
-        artifacts,
-    })
-}
-
-/// Finds image and version, failing with 404s.
-fn image_version(r: &impl CatalogRead, name: &str, version: &str) -> Result<(Image, ImageVersion)> {
-    let image = r
-        .image_by_name(name)?
-        .ok_or_else(|| image_not_found(name))?;
-    let v = r
-        .version_of(&image, version)?
-        .ok_or_else(|| version_not_found(name, version))?;
-    Ok((image, v))
-}
 
 fn require_draft(v: &ImageVersion) -> Result<()> {
     if v.state == VersionState::Draft {
@@ -255,23 +36,33 @@ fn touch_version(txn: &WriteTransaction, v: &mut ImageVersion) -> Result<()> {
     save(&mut txn.open_table(VERSIONS)?, v.id.as_u128(), v)
 }
 
-/// What a caller asks for when adding an artifact.
+/// What a caller asks for when adding an artifact: also the request body of
+/// `POST .../artifacts`. Members arrive as text and are checked by `add_artifact`, in the
+/// order docs/api.md section 4 gives, so each rule answers with its own message; a missing
+/// member is empty and fails its rule.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
 pub struct NewArtifact {
     pub variant: String,
     pub operating_system: String,
     pub architecture: String,
     pub format: String,
     pub primary_blob_digest: String,
+    #[serde(deserialize_with = "crate::model::integer")]
     pub primary_blob_size_bytes: i64,
     pub primary_media_type: String,
     pub incus_requirements: std::collections::BTreeMap<String, String>,
 }
 
-/// What a caller asks for when adding an attachment.
+/// What a caller asks for when adding an attachment: also the request body of
+/// `POST .../attachments`, checked by `add_attachment` like `NewArtifact`.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
 pub struct NewAttachment {
     pub name: String,
     pub media_type: String,
     pub blob_digest: String,
+    #[serde(deserialize_with = "crate::model::integer")]
     pub blob_size_bytes: i64,
 }
 
@@ -306,11 +97,6 @@ fn check_incus_requirements(
     Ok(())
 }
 
-fn digest_key(d: &str) -> Result<[u8; 32]> {
-    validate::digest_bytes(d)
-        .ok_or_else(|| invalid("digest must match sha256:<64 lowercase hex chars>".to_string()))
-}
-
 impl Store {
     pub fn create_image(
         &self,
@@ -324,7 +110,9 @@ impl Store {
         begin_write_scope(self, |txn| {
             let mut names = txn.open_table(IMAGE_NAMES)?;
             if names.get(name)?.is_some() {
-                return Err(Error::conflict("catalog conflict: images_name_key"));
+                return Err(Error::conflict(format!(
+                    "catalog conflict: image {name:?} already exists"
+                )));
             }
             let now = Timestamp::now();
             let image = Image {
@@ -379,9 +167,9 @@ impl Store {
                 .image_by_name(name)?
                 .ok_or_else(|| image_not_found(name))?;
             if txn.version_of(&image, version)?.is_some() {
-                return Err(Error::conflict(
-                    "catalog conflict: image_versions_image_id_version_key",
-                ));
+                return Err(Error::conflict(format!(
+                    "catalog conflict: version {version:?} of image {name:?} already exists"
+                )));
             }
             super::retire::check_name_not_retired(txn, &image, version)?;
             let now = Timestamp::now();
@@ -467,6 +255,8 @@ impl Store {
     }
 
     pub fn add_artifact(&self, name: &str, version: &str, a: NewArtifact) -> Result<Artifact> {
+        // The digest is the first rule the contract checks, before the path's names.
+        let digest = check_digest(&a.primary_blob_digest)?;
         check_image_name(name)?;
         check_version(version)?;
         let variant = if a.variant.is_empty() {
@@ -483,12 +273,11 @@ impl Store {
                 a.format
             )));
         }
-        let digest = digest_key(&a.primary_blob_digest)?;
         if a.primary_blob_size_bytes < 0 {
-            return Err(invalid("primary blob size must be non-negative".into()));
+            return Err(invalid("primary blob size must be non-negative"));
         }
         if !validate::non_blank(&a.primary_media_type) {
-            return Err(invalid("primary media type is required".into()));
+            return Err(invalid("primary media type is required"));
         }
         check_incus_requirements(&a.format, &a.incus_requirements)?;
         begin_write_scope(self, |txn| {
@@ -502,9 +291,10 @@ impl Store {
                     &other.format,
                 ) == (&variant, &a.operating_system, &a.architecture, &a.format)
                 {
-                    return Err(Error::conflict(
-                        "catalog conflict: release_artifacts_identity_key",
-                    ));
+                    return Err(Error::conflict(format!(
+                        "catalog conflict: version {version:?} of image {name:?} already has artifact {} with variant {variant:?}, operating system {:?}, architecture {:?} and format {:?}",
+                        other.id, a.operating_system, a.architecture, a.format
+                    )));
                 }
             }
             let now = Timestamp::now();
@@ -515,7 +305,7 @@ impl Store {
                 operating_system: a.operating_system.clone(),
                 architecture: a.architecture.clone(),
                 format: a.format.clone(),
-                primary_blob_digest: a.primary_blob_digest.clone(),
+                primary_blob_digest: digest,
                 primary_blob_size_bytes: a.primary_blob_size_bytes,
                 primary_media_type: a.primary_media_type.clone(),
                 incus_requirements: a.incus_requirements.clone(),
@@ -529,7 +319,7 @@ impl Store {
             )?;
             txn.open_table(VERSION_ARTIFACTS)?
                 .insert((v.id.as_u128(), artifact.id.as_u128()), ())?;
-            blobs::change_refs(txn, &digest, 1)?;
+            blobs::add_ref(txn, &digest)?;
             touch_version(txn, &mut v)?;
             Ok(artifact)
         })
@@ -564,7 +354,7 @@ impl Store {
             txn.open_table(ARTIFACTS)?.remove(artifact.id.as_u128())?;
             txn.open_table(VERSION_ARTIFACTS)?
                 .remove((v.id.as_u128(), artifact.id.as_u128()))?;
-            blobs::change_refs(txn, &digest_key(&artifact.primary_blob_digest)?, -1)?;
+            blobs::drop_ref(txn, &artifact.primary_blob_digest)?;
             touch_version(txn, &mut v)
         })
     }
@@ -576,15 +366,15 @@ impl Store {
         artifact_id: Uuid,
         a: NewAttachment,
     ) -> Result<Attachment> {
+        let digest = check_digest(&a.blob_digest)?;
         check_image_name(name)?;
         check_version(version)?;
         check_token("attachment name", &a.name)?;
         if !validate::non_blank(&a.media_type) {
-            return Err(invalid("media type is required".into()));
+            return Err(invalid("media type is required"));
         }
-        let digest = digest_key(&a.blob_digest)?;
         if a.blob_size_bytes < 0 {
-            return Err(invalid("blob size must be non-negative".into()));
+            return Err(invalid("blob size must be non-negative"));
         }
         begin_write_scope(self, |txn| {
             let (_, mut v, artifact) = Self::artifact_in(txn, name, version, artifact_id)?;
@@ -594,9 +384,10 @@ impl Store {
                 .iter()
                 .any(|x| x.name == a.name)
             {
-                return Err(Error::conflict(
-                    "catalog conflict: artifact_attachments_artifact_id_name_key",
-                ));
+                return Err(Error::conflict(format!(
+                    "catalog conflict: artifact {} already has an attachment named {:?}",
+                    artifact.id, a.name
+                )));
             }
             let now = Timestamp::now();
             let att = Attachment {
@@ -604,7 +395,7 @@ impl Store {
                 artifact_id: artifact.id,
                 name: a.name.clone(),
                 media_type: a.media_type.clone(),
-                blob_digest: a.blob_digest.clone(),
+                blob_digest: digest,
                 blob_size_bytes: a.blob_size_bytes,
                 created_at: now,
                 updated_at: now,
@@ -612,7 +403,7 @@ impl Store {
             save(&mut txn.open_table(ATTACHMENTS)?, att.id.as_u128(), &att)?;
             txn.open_table(ARTIFACT_ATTACHMENTS)?
                 .insert((artifact.id.as_u128(), att.id.as_u128()), ())?;
-            blobs::change_refs(txn, &digest, 1)?;
+            blobs::add_ref(txn, &digest)?;
             touch_version(txn, &mut v)?;
             Ok(att)
         })
@@ -689,98 +480,11 @@ impl Store {
                 Error::not_found(format!("catalog not found: attachment {attachment_id}"))
             })
     }
-
-    pub fn put_alias(&self, name: &str, alias: &str, version: &str) -> Result<Alias> {
-        check_image_name(name)?;
-        check_alias(alias)?;
-        check_version(version)?;
-        begin_write_scope(self, |txn| {
-            let (image, v) = image_version(txn, name, version)?;
-            if v.state != VersionState::Published {
-                return Err(Error::precondition(
-                    "aliases must target a published version for the same image",
-                ));
-            }
-            let mut t = txn.open_table(ALIASES)?;
-            let key = (image.id.as_u128(), alias);
-            let existing: Option<Alias> = t
-                .get(key)?
-                .map(|x| decode(x.value(), "alias"))
-                .transpose()?;
-            let now = Timestamp::now();
-            let record = match existing {
-                Some(mut a) => {
-                    a.version_id = v.id;
-                    a.version = v.version.clone();
-                    a.updated_at = now;
-                    a
-                }
-                None => Alias {
-                    id: Uuid::new_v4(),
-                    image_id: image.id,
-                    alias: alias.to_string(),
-                    version_id: v.id,
-                    version: v.version.clone(),
-                    created_at: now,
-                    updated_at: now,
-                },
-            };
-            t.insert(key, encode(&record)?.as_slice())?;
-            drop(t);
-            bump_generation(txn)?;
-            Ok(record)
-        })
-    }
-
-    pub fn alias(&self, name: &str, alias: &str) -> Result<Alias> {
-        check_image_name(name)?;
-        check_alias(alias)?;
-        let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
-        let found = txn
-            .open_table(ALIASES)?
-            .get((image.id.as_u128(), alias))?
-            .map(|v| decode::<Alias>(v.value(), "alias"))
-            .transpose()?;
-        found.ok_or_else(|| Error::not_found(format!("catalog not found: alias {alias:?}")))
-    }
-
-    /// Every alias of an image (published or not), ordered by alias name.
-    pub fn list_aliases(&self, name: &str) -> Result<Vec<Alias>> {
-        check_image_name(name)?;
-        let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
-        txn.aliases_of(image.id)
-    }
-
-    pub fn delete_alias(&self, name: &str, alias: &str) -> Result<()> {
-        check_image_name(name)?;
-        check_alias(alias)?;
-        begin_write_scope(self, |txn| {
-            let image = txn
-                .image_by_name(name)?
-                .ok_or_else(|| image_not_found(name))?;
-            let removed = txn
-                .open_table(ALIASES)?
-                .remove((image.id.as_u128(), alias))?
-                .is_some();
-            if !removed {
-                return Err(Error::not_found(format!(
-                    "catalog not found: alias {alias:?}"
-                )));
-            }
-            bump_generation(txn)
-        })
-    }
 }
 
 fn remove_attachment(txn: &WriteTransaction, att: &Attachment) -> Result<()> {
     txn.open_table(ATTACHMENTS)?.remove(att.id.as_u128())?;
     txn.open_table(ARTIFACT_ATTACHMENTS)?
         .remove((att.artifact_id.as_u128(), att.id.as_u128()))?;
-    blobs::change_refs(txn, &digest_key(&att.blob_digest)?, -1)
+    blobs::drop_ref(txn, &att.blob_digest)
 }

@@ -5,7 +5,8 @@
 //! would occupy 2 MiB on disk; 1 MiB - 64 bytes leaves room for the key and the page header
 //! and costs about 3 %.
 
-use super::tables::{CHUNK_REFS, CHUNK_SUMS, CHUNKS, META};
+use super::refcount::ChunkRefs;
+use super::tables::{CHUNK_SUMS, CHUNKS, META};
 use crate::error::{Error, Result};
 use redb::{ReadableTable, WriteTransaction};
 use sha2::{Digest, Sha256};
@@ -70,8 +71,7 @@ pub fn decode_list(b: &[u8]) -> Result<(Vec<ChunkRef>, usize)> {
 /// Stores a chunk (or finds it already stored) and takes one reference to it. `data` are the
 /// chunk's bytes, which hash to `chunk.hash`.
 pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<()> {
-    let mut refs = txn.open_table(CHUNK_REFS)?;
-    let count = refs.get(&chunk.hash)?.map(|v| v.value()).unwrap_or(0);
+    let count = ChunkRefs::open(txn)?.increment(&chunk.hash)?;
     let mut chunks = txn.open_table(CHUNKS)?;
     if count == 0 {
         chunks.insert(&chunk.hash, data)?;
@@ -93,52 +93,44 @@ pub fn acquire(txn: &WriteTransaction, chunk: &ChunkRef, data: &[u8]) -> Result<
                 }
                 crate::log::warn(&format!(
                     "repaired a damaged chunk {} with freshly uploaded bytes",
-                    crate::validate::hex(&chunk.hash)
+                    crate::digest::Digest::from(chunk.hash)
                 ));
             }
         }
     }
-    refs.insert(&chunk.hash, count + 1)?;
     Ok(())
 }
 
 /// Takes one more reference to each chunk of a list that is already stored.
 pub fn add_refs(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
-    let mut refs = txn.open_table(CHUNK_REFS)?;
+    let mut refs = ChunkRefs::open(txn)?;
     for c in list {
-        let count = refs.get(&c.hash)?.map(|v| v.value()).unwrap_or(0);
-        if count == 0 {
-            return Err(Error::internal(
-                "chunk list names a chunk that is not stored",
-            ));
+        if refs.increment(&c.hash)? == 0 {
+            return Err(Error::internal(format!(
+                "chunk list names chunk {} that is not stored",
+                crate::digest::Digest::from(c.hash)
+            )));
         }
-        refs.insert(&c.hash, count + 1)?;
     }
     Ok(())
 }
 
 /// Drops one reference to each chunk of a list, deleting chunks nobody references any more.
-/// Runs inside the caller's serializable write transaction, so no concurrent upload can take a
-/// reference between the count reaching zero and the delete.
+/// Every list released here took its references when it was built (a staged chunk by
+/// `acquire`, a blob's list by `add_refs`), so a chunk without one is a bug and fails the
+/// transaction. Runs inside the caller's serializable write transaction, so no concurrent
+/// upload can take a reference between the count reaching zero and the delete.
 pub fn release(txn: &WriteTransaction, list: &[ChunkRef]) -> Result<()> {
-    let mut refs = txn.open_table(CHUNK_REFS)?;
+    let mut refs = ChunkRefs::open(txn)?;
     let mut chunks = txn.open_table(CHUNKS)?;
     let mut sums = txn.open_table(CHUNK_SUMS)?;
     let (mut freed, mut freed_bytes) = (0i64, 0i64);
     for c in list {
-        let count = refs.get(&c.hash)?.map(|v| v.value()).unwrap_or(0);
-        match count {
-            0 => {}
-            1 => {
-                refs.remove(&c.hash)?;
-                chunks.remove(&c.hash)?;
-                sums.remove(&c.hash)?;
-                freed += 1;
-                freed_bytes += c.len as i64;
-            }
-            n => {
-                refs.insert(&c.hash, n - 1)?;
-            }
+        if refs.decrement(&c.hash)? == 0 {
+            chunks.remove(&c.hash)?;
+            sums.remove(&c.hash)?;
+            freed += 1;
+            freed_bytes += c.len as i64;
         }
     }
     drop((refs, chunks, sums));

@@ -7,17 +7,18 @@
 //! version.
 
 use super::blobs;
-use super::catalog::{CatalogRead, check_image_name, check_version};
+use super::read::CatalogRead;
 use super::streams::{INCUS_DISK_FORMAT, INCUS_METADATA_NAME, INCUS_ROOTFS_FORMAT, incus_format};
 use super::tables::*;
 use super::{Store, begin_write_scope, bump_generation, encode, load, save};
 use crate::clock::Timestamp;
+use crate::digest::{Digest, hex};
 use crate::error::{Error, Result};
 use crate::model::*;
 use crate::streams::incus_arch;
-use crate::validate;
+use crate::validate::{check_image_name, check_version};
 use redb::{ReadableTable, WriteTransaction};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use uuid::Uuid;
 
@@ -54,11 +55,8 @@ fn check_blobs(
             "published image_versions require at least one release_artifact",
         ));
     }
-    let trusted = |digest: &str, size: i64| -> Result<bool> {
-        let Some(key) = validate::digest_bytes(digest) else {
-            return Ok(false);
-        };
-        Ok(blobs::get_in(txn_blobs, &key)?.is_some_and(|b| b.size as i64 == size))
+    let trusted = |digest: &Digest, size: i64| -> Result<bool> {
+        Ok(blobs::get_in(txn_blobs, digest.as_bytes())?.is_some_and(|b| b.size as i64 == size))
     };
     for a in &artifacts {
         if !trusted(&a.primary_blob_digest, a.primary_blob_size_bytes)? {
@@ -194,7 +192,7 @@ pub enum NextStep {
 
 impl Store {
     /// Publishes a draft: returns the job and whether it was created now (202) or already
-    /// existed because the version is `publishing` or `published` (200, Decision 4).
+    /// existed because the version is `publishing` or `published` (200, docs/api.md, decision 4).
     pub fn publish(&self, name: &str, version: &str) -> Result<(PublishJob, bool)> {
         check_image_name(name).map_err(publish_invalid)?;
         check_version(version).map_err(publish_invalid)?;
@@ -365,8 +363,8 @@ impl Store {
             let combined = txn.open_table(COMBINED)?;
             let mut out = Vec::new();
             for (artifact, att) in incus_eligible(&txn, job.version_id)? {
-                let meta = digest_of(&att.blob_digest)?;
-                let disk = digest_of(&artifact.primary_blob_digest)?;
+                let meta = *att.blob_digest.as_bytes();
+                let disk = *artifact.primary_blob_digest.as_bytes();
                 if combined.get((&meta, &disk))?.is_none() {
                     out.push((meta, disk));
                 }
@@ -380,10 +378,7 @@ impl Store {
             let mut hasher = Sha256::new();
             for digest in [&meta, &disk] {
                 let (_, reader) = self.open_blob(digest)?.ok_or_else(|| {
-                    Error::internal(format!(
-                        "blob {} is not stored",
-                        validate::digest_string(digest)
-                    ))
+                    Error::internal(format!("blob {} is not stored", Digest::from(*digest)))
                 })?;
                 reader
                     .hash_into(&mut hasher)
@@ -415,16 +410,16 @@ impl Store {
             let combined = txn.open_table(COMBINED)?;
             let mut rows = txn.open_table(INCUS_ROWS)?;
             for (artifact, att) in incus_eligible(txn, v.id)? {
-                let meta = digest_of(&att.blob_digest)?;
-                let disk = digest_of(&artifact.primary_blob_digest)?;
+                let meta = att.blob_digest.as_bytes();
+                let disk = artifact.primary_blob_digest.as_bytes();
                 let sum = combined
-                    .get((&meta, &disk))?
+                    .get((meta, disk))?
                     .map(|x| *x.value())
                     .ok_or_else(|| Error::internal("incus index is missing; rerun incus_index"))?;
                 let row = IncusRow {
                     artifact_id: artifact.id,
                     attachment_id: att.id,
-                    combined_sha256: validate::hex(&sum),
+                    combined_sha256: hex(&sum),
                 };
                 rows.insert(
                     (v.id.as_u128(), artifact.id.as_u128()),
@@ -451,11 +446,6 @@ impl Store {
             bump_generation(txn)
         })
     }
-}
-
-fn digest_of(d: &str) -> Result<[u8; 32]> {
-    validate::digest_bytes(d)
-        .ok_or_else(|| Error::internal(format!("stored digest {d:?} is invalid")))
 }
 
 fn mark_step(job: &mut PublishJob, name: StepName, state: StepState, message: Option<&str>) {

@@ -2,7 +2,7 @@
 //! versions with their artifacts and attachments, and its aliases, as of one catalog
 //! generation. The catalog page is rendered from it, so a page never mixes two catalog states.
 
-use super::catalog::{CatalogRead, manifest_in};
+use super::read::{CatalogRead, manifest_in};
 use super::tables::*;
 use super::{Store, load};
 use crate::error::Result;

@@ -8,6 +8,7 @@
 //! - Every write transaction enables quick repair, so the first open after a crash takes
 //!   milliseconds instead of a full-file scan.
 
+mod aliases;
 pub mod auth;
 pub mod blobs;
 pub mod catalog;
@@ -16,6 +17,8 @@ pub mod handle;
 pub mod jobs;
 pub mod listing;
 mod migrate;
+mod read;
+mod refcount;
 pub mod retention;
 pub mod retire;
 pub mod space;

@@ -18,13 +18,14 @@
 //! [`select`] is the one pure function both use, and the preview endpoint shows its answer
 //! without applying it.
 
-use super::catalog::{CatalogRead, check_image_name};
+use super::read::CatalogRead;
 use super::retire::{self, RetiredVersion, Retirer};
 use super::tables::*;
 use super::{Store, begin_write_scope, encode, load};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{Image, VersionState};
+use crate::validate::check_image_name;
 use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;

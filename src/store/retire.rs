@@ -13,13 +13,12 @@
 //! A retired version's name stays reserved: creating it again is refused, so the content ever
 //! published under a name is the only content that name has named.
 
-use super::catalog::CatalogRead;
+use super::read::CatalogRead;
 use super::tables::*;
 use super::{Store, begin_write_scope, bump_generation, decode, encode};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{Artifact, Attachment, Image, ImageVersion, VersionState};
-use crate::validate;
 use redb::{ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -257,8 +256,8 @@ impl Store {
         by: Retirer,
         grace: Duration,
     ) -> Result<RetiredVersion> {
-        super::catalog::check_image_name(name)?;
-        super::catalog::check_version(version)?;
+        crate::validate::check_image_name(name)?;
+        crate::validate::check_version(version)?;
         let record = begin_write_scope(self, |txn| {
             let image = txn
                 .image_by_name(name)?
@@ -409,21 +408,17 @@ fn purge_in(txn: &WriteTransaction, image: u128, version: &str, now: Timestamp) 
     if r.purged_at.is_some() {
         return Ok(());
     }
-    let digest = |d: &str| {
-        validate::digest_bytes(d)
-            .ok_or_else(|| Error::internal(format!("stored digest {d:?} is invalid")))
-    };
     for artifact in txn.artifacts_of(r.version_id)? {
         for att in txn.attachments_of(artifact.id)? {
             txn.open_table(ATTACHMENTS)?.remove(att.id.as_u128())?;
             txn.open_table(ARTIFACT_ATTACHMENTS)?
                 .remove((artifact.id.as_u128(), att.id.as_u128()))?;
-            super::blobs::change_refs(txn, &digest(&att.blob_digest)?, -1)?;
+            super::blobs::drop_ref(txn, &att.blob_digest)?;
         }
         txn.open_table(ARTIFACTS)?.remove(artifact.id.as_u128())?;
         txn.open_table(VERSION_ARTIFACTS)?
             .remove((r.version_id.as_u128(), artifact.id.as_u128()))?;
-        super::blobs::change_refs(txn, &digest(&artifact.primary_blob_digest)?, -1)?;
+        super::blobs::drop_ref(txn, &artifact.primary_blob_digest)?;
     }
     // The version row goes too: its name lives on in the `RETIRED` record, and a version row
     // without a name key would be an orphan to every later reader.
@@ -447,8 +442,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("t.redb"), 1 << 20, 0).unwrap();
         // An empty trusted blob, written directly: publish only checks that it exists.
-        let key: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(b"").into();
-        let digest = validate::digest_string(&key);
+        let digest = crate::digest::Digest::of(b"");
+        let key = *digest.as_bytes();
         begin_write_scope(&store, |txn| {
             let record = BlobRecord {
                 size: 0,
@@ -473,7 +468,7 @@ mod tests {
                         operating_system: "debian".into(),
                         architecture: "x86_64".into(),
                         format: "raw".into(),
-                        primary_blob_digest: digest.clone(),
+                        primary_blob_digest: digest.to_string(),
                         primary_blob_size_bytes: 0,
                         primary_media_type: "application/octet-stream".into(),
                         incus_requirements: Default::default(),

@@ -6,7 +6,7 @@
 //! `finalize_publish` writes them, with the combined checksums, in the same transaction that
 //! publishes the version, so rendering never opens a blob.
 
-use super::catalog::CatalogRead;
+use super::read::CatalogRead;
 use super::tables::*;
 use super::{Store, decode, load};
 use crate::clock::Timestamp;
@@ -86,14 +86,6 @@ pub struct SnapshotArtifact {
     pub incus_requirements: BTreeMap<String, String>,
 }
 
-fn hex_of(digest: &str) -> Result<String> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64)
-        .map(str::to_string)
-        .ok_or_else(|| Error::internal(format!("stored digest {digest:?} is invalid")))
-}
-
 impl Store {
     /// Reads the Simple Streams snapshot in one read transaction.
     pub fn streams_snapshot(&self) -> Result<Snapshot> {
@@ -150,11 +142,11 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
             operating_system: artifact.operating_system,
             variant: artifact.variant,
             format: artifact.format,
-            disk_sha256: hex_of(&artifact.primary_blob_digest)?,
+            disk_sha256: artifact.primary_blob_digest.hex(),
             disk_size: artifact.primary_blob_size_bytes,
             attachment_id: attachment.id,
             attachment_name: attachment.name,
-            attachment_sha256: hex_of(&attachment.blob_digest)?,
+            attachment_sha256: attachment.blob_digest.hex(),
             attachment_size: attachment.blob_size_bytes,
             combined_sha256: incus.combined_sha256,
             incus_requirements: artifact.incus_requirements,

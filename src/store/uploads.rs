@@ -15,11 +15,12 @@ use super::chunks::{self, ChunkRef};
 use super::tables::{BLOBS, PARTS, STAGING, UPLOADS};
 use super::{Store, begin_write_scope, load, save};
 use crate::clock::Timestamp;
+use crate::digest::{Digest, hex};
 use crate::error::{Error, Result};
 use crate::model::{UploadPart, UploadSession, UploadState};
 use crate::validate;
 use redb::{ReadableTable, WriteTransaction};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -53,7 +54,7 @@ impl PartRecord {
     }
 
     fn etag(&self) -> String {
-        format!("\"{}\"", validate::hex(&self.sha256))
+        format!("\"{}\"", hex(&self.sha256))
     }
 }
 
@@ -61,9 +62,13 @@ impl PartRecord {
 /// `complete` can check that no part changed before it commits).
 type Assembly = (Vec<ChunkRef>, Vec<(u32, PartRecord)>);
 
-/// What a caller asks for when beginning an upload.
+/// What a caller asks for when beginning an upload: also the request body of
+/// `POST /v1/uploads`, checked by `begin_upload`.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
 pub struct BeginUpload {
     pub expected_digest: String,
+    #[serde(deserialize_with = "crate::model::integer")]
     pub expected_size_bytes: i64,
     pub media_type_hint: Option<String>,
     pub filename_hint: Option<String>,
@@ -119,11 +124,20 @@ impl Store {
     /// Begins an upload session. Returns the session and whether it was created fresh (201)
     /// rather than short-circuited to `ready` by an existing trusted blob (200).
     pub fn begin_upload(&self, req: BeginUpload, ttl: Duration) -> Result<(UploadSession, bool)> {
-        let digest = validate::digest_bytes(&req.expected_digest).ok_or_else(|| {
-            Error::invalid(
-                "upload invalid input: digest must match sha256:<64 lowercase hex chars>",
-            )
-        })?;
+        let invalid = |rule: &str| Error::invalid(format!("upload invalid input: {rule}"));
+        let digest =
+            Digest::parse(&req.expected_digest).ok_or_else(|| invalid(validate::DIGEST_RULE))?;
+        if req.expected_size_bytes < 0 {
+            return Err(invalid("expected size must be non-negative"));
+        }
+        let blank =
+            |hint: &Option<String>| hint.as_deref().is_some_and(|h| !validate::non_blank(h));
+        if blank(&req.media_type_hint) {
+            return Err(invalid("media type hint is required"));
+        }
+        if blank(&req.filename_hint) {
+            return Err(invalid("filename hint is required"));
+        }
         // The hint becomes the blob record's media type, whose length is a u16: a longer one
         // would be written truncated and make the blob unreadable after it was acknowledged.
         if req
@@ -139,7 +153,7 @@ impl Store {
         let now = Timestamp::now();
         let mut session = UploadSession {
             id: Uuid::new_v4(),
-            expected_digest: req.expected_digest,
+            expected_digest: digest,
             expected_size_bytes: req.expected_size_bytes,
             state: UploadState::Created,
             expires_at: now.add(ttl),
@@ -148,11 +162,11 @@ impl Store {
             failure_message: None,
         };
         begin_write_scope(self, |txn| {
-            let existing = blobs::get_in(&txn.open_table(BLOBS)?, &digest)?;
+            let existing = blobs::get_in(&txn.open_table(BLOBS)?, digest.as_bytes())?;
             let fresh = match existing {
                 Some(blob) if blob.size as i64 == session.expected_size_bytes => {
                     session.state = UploadState::Ready;
-                    blobs::hold_until(txn, &digest, session.expires_at)?;
+                    blobs::hold_until(txn, digest.as_bytes(), session.expires_at)?;
                     false
                 }
                 Some(blob) => {
@@ -228,8 +242,7 @@ impl Store {
         let mut order: Vec<&(u32, String, i64)> = listed.iter().collect();
         order.sort_by_key(|p| p.0);
         let (list, records) = self.listed_parts(id, &order)?;
-        let digest = validate::digest_bytes(&session.expected_digest)
-            .ok_or_else(|| Error::internal("stored session has an invalid digest"))?;
+        let digest = *session.expected_digest.as_bytes();
 
         // A single part is the whole blob, and its sha256 was computed from its bytes as they
         // arrived: no need to read it all again. Otherwise hash the assembled bytes in a read
@@ -286,7 +299,7 @@ impl Store {
                 s.state = UploadState::Failed;
                 s.failure_message = Some(format!(
                     "assembled blob is {size} bytes with digest {}, expected {} bytes with digest {}",
-                    validate::digest_string(&actual),
+                    Digest::from(actual),
                     s.expected_size_bytes,
                     s.expected_digest
                 ));

@@ -9,8 +9,10 @@
 //!   milliseconds instead of a full-file scan.
 
 pub mod auth;
+pub mod backup;
 pub mod blobs;
 pub mod catalog;
+pub mod check;
 pub mod chunks;
 pub mod handle;
 pub mod jobs;

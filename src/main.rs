@@ -18,9 +18,15 @@ fn main() -> ExitCode {
         println!("imgsrv {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let Some(Command::Serve(args)) = cli.command else {
-        eprintln!("imgsrv: no command given; try `imgsrv serve` or `imgsrv --help`");
-        return ExitCode::from(2);
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        Some(Command::Backup(a)) => return command("backup", imgsrv::ops::backup(a)),
+        Some(Command::Check(a)) => return command("check", imgsrv::ops::check(a)),
+        Some(Command::Compact(a)) => return command("compact", imgsrv::ops::compact(a)),
+        None => {
+            eprintln!("imgsrv: no command given; try `imgsrv serve` or `imgsrv --help`");
+            return ExitCode::from(2);
+        }
     };
     let config = match Config::from_args(args) {
         Ok(c) => c,
@@ -33,6 +39,17 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             imgsrv::log::error(&e.message);
+            ExitCode::from(e.exit_code)
+        }
+    }
+}
+
+/// The exit of an operator command: its failure on stderr and its exit code.
+fn command(name: &str, result: Result<(), imgsrv::daemon::Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgsrv {name}: {}", e.message);
             ExitCode::from(e.exit_code)
         }
     }

@@ -491,9 +491,9 @@ pub enum OfflineError {
 impl std::fmt::Display for OfflineError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            OfflineError::InUse => f.write_str(
-                "the database is open in another process (a running imgsrv serve?)",
-            ),
+            OfflineError::InUse => {
+                f.write_str("the database is open in another process (a running imgsrv serve?)")
+            }
             OfflineError::Damaged(m) | OfflineError::Other(m) => f.write_str(m),
         }
     }
@@ -576,7 +576,9 @@ impl Offline {
     /// Compacts the file until redb finds nothing more to move. Needs a writable open.
     pub fn compact(self) -> Result<()> {
         let Offline::Writable(mut db) = self else {
-            return Err(Error::internal("compaction needs the database open for writing"));
+            return Err(Error::internal(
+                "compaction needs the database open for writing",
+            ));
         };
         let r = super::handle::guarded(|| -> Result<()> {
             while db

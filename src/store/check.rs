@@ -217,7 +217,11 @@ pub(crate) fn check_txn(txn: &ReadTransaction, progress: &mut dyn FnMut(u64, u64
             };
             s.report.blobs += 1;
             s.blobs.insert(digest, record.size);
-            list_uses(s, &record.chunks, &format!("blob {}", digest_string(&digest)));
+            list_uses(
+                s,
+                &record.chunks,
+                &format!("blob {}", digest_string(&digest)),
+            );
             let total: u64 = record.chunks.iter().map(|c| c.len as u64).sum();
             if total != record.size {
                 s.problem(format!(
@@ -237,7 +241,11 @@ pub(crate) fn check_txn(txn: &ReadTransaction, progress: &mut dyn FnMut(u64, u64
                 Ok(u) if u.id.as_u128() == k.value() => {
                     sessions.insert(u.id, u.state);
                 }
-                Ok(u) => s.problem(format!("upload session row {} holds {}", key(k.value()), u.id)),
+                Ok(u) => s.problem(format!(
+                    "upload session row {} holds {}",
+                    key(k.value()),
+                    u.id
+                )),
                 Err(e) => s.problem(format!("upload session {}: {e}", key(k.value()))),
             }
         }
@@ -308,7 +316,10 @@ fn list_uses(s: &mut State, list: &[ChunkRef], what: &str) {
     for c in list {
         *s.chunk_uses.entry(c.hash).or_default() += 1;
         match s.chunks.get(&c.hash) {
-            None => s.problem(format!("{what} names chunk {} which is missing", hex(&c.hash))),
+            None => s.problem(format!(
+                "{what} names chunk {} which is missing",
+                hex(&c.hash)
+            )),
             Some(&len) if len != c.len as usize => s.problem(format!(
                 "{what} names chunk {} as {} bytes but it is stored with {len}",
                 hex(&c.hash),
@@ -572,7 +583,9 @@ fn check_catalog(txn: &ReadTransaction, s: &mut State) {
             match s.versions.get(&job.version_id) {
                 None if s.purged(job.version_id) => {}
                 None => s.problem(format!("{what} names missing version {}", job.version_id)),
-                Some(v) if job.state == JobState::Succeeded && v.state != VersionState::Published => {
+                Some(v)
+                    if job.state == JobState::Succeeded && v.state != VersionState::Published =>
+                {
                     s.problem(format!("{what} succeeded but its version is {}", v.state))
                 }
                 Some(v) if v.state == VersionState::Draft => {
@@ -606,16 +619,25 @@ fn check_catalog(txn: &ReadTransaction, s: &mut State) {
             let what = format!("Simple Streams row of version {version}, artifact {artifact}");
             match s.versions.get(&version) {
                 Some(v) if v.state == VersionState::Published && !s.retired_in_grace(v) => {}
-                Some(v) => s.problem(format!("{what}: the version is not published or is retired ({})", v.state)),
+                Some(v) => s.problem(format!(
+                    "{what}: the version is not published or is retired ({})",
+                    v.state
+                )),
                 None => s.problem(format!("{what}: the version is missing")),
             }
             if s.artifacts.get(&artifact).map(|a| a.version_id) != Some(version) {
-                s.problem(format!("{what}: the artifact is missing or not of that version"));
+                s.problem(format!(
+                    "{what}: the artifact is missing or not of that version"
+                ));
             }
             match decode::<IncusRow>(v.value(), "Simple Streams row") {
                 Ok(r) => {
-                    if s.attachments.get(&r.attachment_id).map(|t| t.artifact_id) != Some(artifact) {
-                        s.problem(format!("{what}: its attachment {} is missing or not of that artifact", r.attachment_id));
+                    if s.attachments.get(&r.attachment_id).map(|t| t.artifact_id) != Some(artifact)
+                    {
+                        s.problem(format!(
+                            "{what}: its attachment {} is missing or not of that artifact",
+                            r.attachment_id
+                        ));
                     }
                 }
                 Err(e) => s.problem(format!("{what}: {e}")),
@@ -627,16 +649,19 @@ fn check_catalog(txn: &ReadTransaction, s: &mut State) {
         for row in txn.open_table(RETENTION)?.iter()? {
             let image = key(row?.0.value());
             if !s.images.contains_key(&image) {
-                s.problem(format!("a retention policy belongs to missing image {image}"));
+                s.problem(format!(
+                    "a retention policy belongs to missing image {image}"
+                ));
             }
         }
         Ok(())
     });
     s.section("principals and tokens", |s| {
-        let principals: BTreeSet<Uuid> = json_rows::<AuthPrincipal>(txn, PRINCIPALS, "principal", s)?
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect();
+        let principals: BTreeSet<Uuid> =
+            json_rows::<AuthPrincipal>(txn, PRINCIPALS, "principal", s)?
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
         for (id, t) in json_rows::<StoredToken>(txn, TOKENS, "token", s)? {
             if !principals.contains(&t.token.principal_id) {
                 s.problem(format!(
@@ -669,7 +694,12 @@ fn check_blob_refs(txn: &ReadTransaction, s: &mut State) -> Result<()> {
     for a in s.artifacts.values() {
         let d = digest_of(&a.primary_blob_digest, "an artifact")?;
         *expected.entry(d).or_default() += 1;
-        named.push((d, a.primary_blob_size_bytes, a.version_id, format!("artifact {}", a.id)));
+        named.push((
+            d,
+            a.primary_blob_size_bytes,
+            a.version_id,
+            format!("artifact {}", a.id),
+        ));
     }
     for t in s.attachments.values() {
         let d = digest_of(&t.blob_digest, "an attachment")?;

@@ -19,6 +19,7 @@ pub mod jobs;
 mod migrate;
 pub mod retention;
 pub mod retire;
+pub mod scrub;
 pub mod space;
 pub mod stats;
 pub mod streams;

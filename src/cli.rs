@@ -13,6 +13,8 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+// The enum is built once per process, so the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 pub enum Command {

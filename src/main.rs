@@ -13,7 +13,10 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if cli.version {
         println!("imgsrv {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
@@ -53,4 +56,31 @@ fn command(name: &str, result: Result<(), imgsrv::daemon::Failure>) -> ExitCode 
             ExitCode::from(e.exit_code)
         }
     }
+}
+
+/// Parses the command line like `argh::from_env`, except that a usage error exits with 2 (argh
+/// would exit with 1, which the commands use for runtime failures).
+fn parse() -> Result<Cli, ExitCode> {
+    use argh::FromArgs;
+    let args: Vec<String> = std::env::args().collect();
+    let name = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("imgsrv")
+        .to_string();
+    let rest: Vec<&str> = args.iter().skip(1).map(String::as_str).collect();
+    Cli::from_args(&[&name], &rest).map_err(|early| match early.status {
+        Ok(()) => {
+            println!("{}", early.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            eprintln!(
+                "{}\nRun {name} --help for more information.",
+                early.output.trim_end()
+            );
+            ExitCode::from(2)
+        }
+    })
 }

@@ -19,6 +19,7 @@ mod incus;
 mod lifecycle;
 mod logs;
 mod metrics;
+mod ops;
 mod retention;
 mod smoke;
 mod storage;

@@ -193,6 +193,7 @@ fn serve(mut conn: UnixStream, store: &Store, stop: &AtomicBool, busy: &AtomicBo
     // A client that stops reading must not hold its read transaction (and with it every page
     // freed meanwhile) for long.
     let _ = conn.set_write_timeout(Some(Duration::from_secs(60)));
+    let _ = rustix::net::sockopt::set_socket_send_buffer_size(&conn, 4 << 20);
     let mut line = String::new();
     let read = BufReader::new(&conn).take(256).read_line(&mut line);
     if read.is_err() || line != BACKUP_REQUEST {
@@ -212,7 +213,7 @@ fn serve(mut conn: UnixStream, store: &Store, stop: &AtomicBool, busy: &AtomicBo
     let started = std::time::Instant::now();
     log::info("backup requested on the admin socket: streaming a snapshot of the database");
     let result = {
-        let mut out = BufWriter::with_capacity(1 << 20, &conn);
+        let mut out = BufWriter::with_capacity(crate::store::backup::STREAM_BUFFER, &conn);
         store.dump(&mut out, &|| stop.load(Ordering::SeqCst))
     };
     busy.store(false, Ordering::SeqCst);

@@ -187,9 +187,11 @@ fn from_server(
     tmp: &Path,
     progress: &mut Progress,
 ) -> Result<backup::Summary, Failure> {
+    // A larger socket buffer lets the server stream whole chunks between our reads.
+    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&conn, 4 << 20);
     conn.write_all(admin::BACKUP_REQUEST.as_bytes())
         .map_err(|e| fail(format!("asking the server for a backup: {e}")))?;
-    let mut input = BufReader::with_capacity(1 << 20, conn);
+    let mut input = BufReader::with_capacity(crate::store::backup::STREAM_BUFFER, conn);
     backup::restore(&mut input, tmp, &mut |d, t| progress.update(d, t)).map_err(|e| fail(e.detail))
 }
 
@@ -198,13 +200,16 @@ fn from_file(dir: &Path, tmp: &Path, progress: &mut Progress) -> Result<backup::
     let db = open_offline(dir, false, "a backup without the server", hint)?;
     let (reader, writer) =
         std::io::pipe().map_err(|e| fail(format!("cannot create a pipe: {e}")))?;
+    // A pipe holds 64 KiB by default: a chunk would take 16 round trips between the threads.
+    // The largest an unprivileged process may ask for is 1 MiB by default; less is fine too.
+    let _ = rustix::pipe::fcntl_setpipe_size(&writer, 1 << 20);
     // The same dump the server would stream, through a pipe into the same restore.
     std::thread::scope(|scope| {
         let dumper = scope.spawn(|| {
-            let mut w = BufWriter::with_capacity(1 << 20, writer);
+            let mut w = BufWriter::with_capacity(crate::store::backup::STREAM_BUFFER, writer);
             db.dump(&mut w)
         });
-        let mut input = BufReader::with_capacity(1 << 20, reader);
+        let mut input = BufReader::with_capacity(crate::store::backup::STREAM_BUFFER, reader);
         let restored = backup::restore(&mut input, tmp, &mut |d, t| progress.update(d, t));
         // Unblocks a dumper still writing when the restore failed.
         drop(input);

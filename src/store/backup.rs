@@ -34,6 +34,12 @@ use std::path::Path;
 const MAGIC: &[u8; 12] = b"imgsrv-dump\n";
 const FORMAT: u32 = 1;
 
+/// The buffer size for the stream on either side. Smaller than a chunk on purpose: `BufWriter`
+/// and `BufReader` pass a write or read at least this large straight through, so chunk bytes
+/// are not copied into and out of the buffers, while the small frames around them still are
+/// gathered into few system calls.
+pub const STREAM_BUFFER: usize = 64 * 1024;
+
 /// Restored bytes per non-durable transaction: large enough that commits cost nothing, small
 /// enough that the pages a transaction holds in memory stay bounded.
 const COMMIT_EVERY: u64 = 256 * 1024 * 1024;
@@ -68,6 +74,16 @@ macro_rules! ops {
     };
 }
 
+/// The chunk table holds nearly all the bytes: its values are read from the stream straight
+/// into the pages redb reserves for them, saving a copy of every byte.
+fn chunk_ops() -> TableOps {
+    TableOps {
+        name: CHUNKS.name().to_string(),
+        dump: |txn, d| dump_table(txn, CHUNKS, d),
+        restore: restore_chunks,
+    }
+}
+
 /// Every table of `tables.rs`. A table missing here would be missing from every backup, so a
 /// dump refuses a database that holds a table this list does not name (a test backs up a
 /// database with every table in use).
@@ -98,8 +114,10 @@ fn all_tables() -> Vec<TableOps> {
         BLOB_REFS,
         CHUNK_REFS,
         CHUNK_SUMS,
-        CHUNKS,
     )
+    .into_iter()
+    .chain([chunk_ops()])
+    .collect()
 }
 
 /// The writing side of a dump. `stop` is polled between rows so that a server shutting down
@@ -306,6 +324,18 @@ impl Restorer<'_> {
 
     /// Reads one row into the key and value buffers.
     fn row(&mut self) -> Result<()> {
+        let n = self.row_head()?;
+        self.value.resize(n, 0);
+        self.input
+            .read_exact(&mut self.value)
+            .map_err(stream_error)?;
+        self.count(n);
+        Ok(())
+    }
+
+    /// Reads a row's tag and key into the key buffer; returns the length of its value, which
+    /// the caller reads next.
+    fn row_head(&mut self) -> Result<usize> {
         match self.tag()? {
             b'R' => {}
             t => return Err(bad_stream(&format!("expected a row, found {t:#x}"))),
@@ -313,19 +343,17 @@ impl Restorer<'_> {
         let n = self.u32()? as usize;
         self.key.resize(n, 0);
         self.input.read_exact(&mut self.key).map_err(stream_error)?;
-        let n = self.u32()? as usize;
-        self.value.resize(n, 0);
-        self.input
-            .read_exact(&mut self.value)
-            .map_err(stream_error)?;
+        Ok(self.u32()? as usize)
+    }
+
+    fn count(&mut self, value_len: usize) {
         self.summary.rows += 1;
-        let len = (self.key.len() + self.value.len()) as u64;
+        let len = (self.key.len() + value_len) as u64;
         self.summary.bytes += len;
         self.since_commit += len;
         if self.summary.rows.is_multiple_of(32) {
             (self.progress)(self.summary.bytes, self.estimate);
         }
-        Ok(())
     }
 
     /// The running batch transaction, begun if there is none; hand it back with `self.txn`.
@@ -387,6 +415,40 @@ fn restore_table<K: Key + 'static, V: Value + 'static>(
         t => Err(bad_stream(&format!(
             "table {} has more rows than announced ({t:#x})",
             def.name()
+        ))),
+    }
+}
+
+/// Like `restore_table` for `CHUNKS`, with each value read into its reserved page.
+fn restore_chunks(r: &mut Restorer<'_>, rows: u64) -> Result<()> {
+    let mut left = rows;
+    loop {
+        let txn = r.take_txn()?;
+        {
+            let mut table = txn.open_table(CHUNKS)?;
+            while left > 0 && !r.due() {
+                let n = r.row_head()?;
+                let key: [u8; 32] =
+                    r.key.as_slice().try_into().map_err(|_| {
+                        bad_stream(&format!("a chunk key of {} bytes", r.key.len()))
+                    })?;
+                let mut page = table.insert_reserve(&key, n)?;
+                r.input.read_exact(page.as_mut()).map_err(stream_error)?;
+                drop(page);
+                r.count(n);
+                left -= 1;
+            }
+        }
+        r.txn = Some(txn);
+        if left == 0 {
+            break;
+        }
+        r.commit(Durability::None)?;
+    }
+    match r.tag()? {
+        b'E' => Ok(()),
+        t => Err(bad_stream(&format!(
+            "the chunk table has more rows than announced ({t:#x})"
         ))),
     }
 }

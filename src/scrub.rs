@@ -104,20 +104,34 @@ fn pass(store: &Store, rate: u64, stop: &AtomicBool) -> bool {
     // Batches of about a tenth of a second's worth of reading keep each read transaction short.
     let batch_bytes = (rate / 10).clamp(1 << 20, 64 << 20);
     let (mut after, mut chunks, mut bytes, mut damaged) = (None, 0u64, 0u64, 0u64);
+    let mut failures = 0;
     log::info("scrub pass started");
     loop {
         let batch = match store.scrub_batch(after, batch_bytes, Duration::from_millis(200)) {
             Ok(b) => b,
-            Err(e) => {
-                // The store may be recovering from an I/O error or briefly unavailable: try the
-                // same place again shortly.
+            // The store may be recovering from an I/O error or briefly unavailable: try the
+            // same place again shortly. A place that keeps failing is a damaged page the scrub
+            // cannot read past: it is reported as damage, and the pass ends there (`imgsrv
+            // check` on a backup tells the rest).
+            Err(e) if failures < 3 => {
+                failures += 1;
                 log::warn(&format!("scrub paused: {e}"));
                 if !sleep_until(Instant::now() + Duration::from_secs(5), stop) {
                     return false;
                 }
                 continue;
             }
+            Err(e) => {
+                damaged += 1;
+                DAMAGED_FOUND.fetch_add(1, Ordering::Relaxed);
+                log::error(&format!(
+                    "scrub pass abandoned after {} of {} bytes: {e}",
+                    bytes, total
+                ));
+                break;
+            }
         };
+        failures = 0;
         chunks += batch.chunks;
         bytes += batch.bytes;
         CHUNKS_VERIFIED.fetch_add(batch.chunks, Ordering::Relaxed);

@@ -489,3 +489,46 @@ fn compaction_returns_the_space_of_a_retired_version() {
         "the kept version is damaged by compaction"
     );
 }
+
+#[test]
+fn one_backup_at_a_time_and_shutdown_cuts_a_stalled_one() {
+    let mut s = Server::start();
+    let w = s.writer_token();
+    s.upload(&w, &bytes(12 * CHUNK_SIZE, 51));
+    // A client that asks for a backup and then stops reading: the server blocks on the
+    // socket with its read transaction open.
+    let mut stalled =
+        std::os::unix::net::UnixStream::connect(s.data_dir().join("imgsrv-admin.sock")).unwrap();
+    std::io::Write::write_all(&mut stalled, b"backup v1\n").unwrap();
+    let mut magic = [0u8; 12];
+    std::io::Read::read_exact(&mut stalled, &mut magic).unwrap();
+    assert_eq!(&magic, b"imgsrv-dump\n");
+
+    let out = copy_dir();
+    let target = out.path().join("second.redb");
+    let (code, _, err) = imgsrv(&[
+        "backup",
+        "--data-dir",
+        path_str(s.data_dir()),
+        path_str(&target),
+    ]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("another backup is running"), "{err}");
+    assert!(!target.exists() && !out.path().join("second.redb.partial").exists());
+
+    // A shutdown does not wait for the stalled reader: the stream is cut, the socket removed.
+    let started = Instant::now();
+    s.terminate();
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "shutdown waited for the stalled backup"
+    );
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut stalled, &mut rest);
+    assert!(
+        rest.len() < 12 * CHUNK_SIZE,
+        "the stalled backup was not cut off"
+    );
+    assert!(!s.data_dir().join("imgsrv-admin.sock").exists());
+    assert!(s.log_text().contains("stopped cleanly"), "{}", s.log_text());
+}

@@ -462,7 +462,19 @@ pub fn restore(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<Summary> {
     let mut magic = [0u8; 12];
-    input.read_exact(&mut magic).map_err(stream_error)?;
+    input.read_exact(&mut magic[..1]).map_err(stream_error)?;
+    if magic[0] == b'X' {
+        // Refused before it began (another backup runs, say): the frame says why.
+        let mut len = [0u8; 4];
+        input.read_exact(&mut len).map_err(stream_error)?;
+        let mut msg = vec![0u8; (u32::from_be_bytes(len) as usize).min(64 * 1024)];
+        input.read_exact(&mut msg).map_err(stream_error)?;
+        return Err(Error::internal(format!(
+            "the server refused: {}",
+            String::from_utf8_lossy(&msg)
+        )));
+    }
+    input.read_exact(&mut magic[1..]).map_err(stream_error)?;
     if &magic != MAGIC {
         return Err(bad_stream("it does not start like an imgsrv dump"));
     }

@@ -42,7 +42,7 @@ pub const STREAM_BUFFER: usize = 64 * 1024;
 
 /// Restored bytes per non-durable transaction: large enough that commits cost nothing, small
 /// enough that the pages a transaction holds in memory stay bounded.
-const COMMIT_EVERY: u64 = 256 * 1024 * 1024;
+const COMMIT_EVERY: u64 = 64 * 1024 * 1024;
 
 /// What a dump or a restore moved.
 #[derive(Debug, Default, Clone, Copy)]
@@ -275,6 +275,7 @@ pub struct Restorer<'a> {
     summary: Summary,
     estimate: u64,
     progress: &'a mut dyn FnMut(u64, u64),
+    flusher: Flusher,
 }
 
 fn stream_error(e: io::Error) -> Error {
@@ -347,8 +348,12 @@ impl Restorer<'_> {
     }
 
     fn count(&mut self, value_len: usize) {
+        self.count_bytes(self.key.len() + value_len);
+    }
+
+    fn count_bytes(&mut self, len: usize) {
+        let len = len as u64;
         self.summary.rows += 1;
-        let len = (self.key.len() + value_len) as u64;
         self.summary.bytes += len;
         self.since_commit += len;
         if self.summary.rows.is_multiple_of(32) {
@@ -379,7 +384,58 @@ impl Restorer<'_> {
             txn.commit()?;
         }
         self.since_commit = 0;
+        if matches!(durability, Durability::None) {
+            self.flusher.kick();
+        }
         Ok(())
+    }
+}
+
+/// Writes the new file's dirty pages to disk in the background while the copy goes on, so the
+/// final durable commit finds little left to write: the kernel would otherwise hold the whole
+/// copy in its page cache and write it all at that last `fsync`, after the copying is done.
+struct Flusher {
+    kick: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Flusher {
+    fn new(path: &Path) -> Flusher {
+        let Ok(file) = std::fs::File::open(path) else {
+            return Flusher {
+                kick: None,
+                thread: None,
+            };
+        };
+        // One pending request is enough: a flush that starts later covers every batch before.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("backup-flush".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    let _ = file.sync_data();
+                }
+            })
+            .ok();
+        Flusher {
+            kick: Some(tx),
+            thread,
+        }
+    }
+
+    fn kick(&self) {
+        if let Some(tx) = &self.kick {
+            let _ = tx.try_send(());
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.kick = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -493,6 +549,7 @@ pub fn restore(
         summary: Summary::default(),
         estimate: 0,
         progress,
+        flusher: Flusher::new(out),
     };
     let format = r.u32()?;
     if format != FORMAT {

@@ -13,10 +13,15 @@ pub struct Cli {
     pub command: Option<Command>,
 }
 
+// The enum is built once per process, so the size of the `serve` variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(FromArgs, Debug)]
 #[argh(subcommand)]
 pub enum Command {
     Serve(ServeArgs),
+    Backup(BackupArgs),
+    Check(CheckArgs),
+    Compact(CompactArgs),
 }
 
 /// Run the HTTP server.
@@ -80,4 +85,40 @@ pub struct ServeArgs {
     /// free space that writes must leave on the data filesystem, e.g. 256MiB, 2GiB, 0 (IMGSRV_DISK_RESERVE; default 256MiB)
     #[argh(option)]
     pub disk_reserve: Option<String>,
+    /// time from the end of one scrub pass over every stored chunk to the next, e.g. 7d, 24h (IMGSRV_SCRUB_INTERVAL; default 7d)
+    #[argh(option)]
+    pub scrub_interval: Option<String>,
+    /// bytes per second the scrub reads, e.g. 64MiB; 0 disables it (IMGSRV_SCRUB_RATE; default 64MiB)
+    #[argh(option)]
+    pub scrub_rate: Option<String>,
+}
+
+/// Copy the database consistently into a new file, while the server runs or not.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "backup")]
+pub struct BackupArgs {
+    /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
+    #[argh(option)]
+    pub data_dir: Option<String>,
+    /// the file to write (must not exist), or an existing directory to write imgsrv.redb into
+    #[argh(positional)]
+    pub out: String,
+}
+
+/// Verify a stopped database (or a backup): checksums, reference counts, catalog links.
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "check")]
+pub struct CheckArgs {
+    /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
+    #[argh(option)]
+    pub data_dir: Option<String>,
+}
+
+/// Return the space of deleted data to the filesystem (server stopped).
+#[derive(FromArgs, Debug)]
+#[argh(subcommand, name = "compact")]
+pub struct CompactArgs {
+    /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
+    #[argh(option)]
+    pub data_dir: Option<String>,
 }

@@ -27,6 +27,23 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Bytes that writes must leave free on the data directory's filesystem.
     pub disk_reserve: u64,
+    /// The background scrub's pass interval and read rate.
+    pub scrub: crate::scrub::Settings,
+}
+
+/// The data directory: the flag, else `IMGSRV_DATA_DIR`, else systemd's `$STATE_DIRECTORY`
+/// (its first entry), else `./imgsrv-data`. Shared by `serve` and the operator commands, so
+/// that `imgsrv backup` run beside a service finds the service's directory.
+pub fn data_dir(flag: Option<String>) -> PathBuf {
+    let dir = pick(flag, "IMGSRV_DATA_DIR")
+        .or_else(|| {
+            std::env::var("STATE_DIRECTORY")
+                .ok()
+                .map(|s| s.split(':').next().unwrap_or("").to_string())
+        })
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "./imgsrv-data".into());
+    PathBuf::from(dir)
 }
 
 fn pick(flag: Option<String>, env: &str) -> Option<String> {
@@ -86,14 +103,7 @@ pub fn parse_size(s: &str) -> Option<u64> {
 impl Config {
     pub fn from_args(a: ServeArgs) -> Result<Config, String> {
         let listen = pick(a.listen, "IMGSRV_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".into());
-        let data_dir = pick(a.data_dir, "IMGSRV_DATA_DIR")
-            .or_else(|| {
-                std::env::var("STATE_DIRECTORY")
-                    .ok()
-                    .map(|s| s.split(':').next().unwrap_or("").to_string())
-            })
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "./imgsrv-data".into());
+        let data_dir = data_dir(a.data_dir);
         let tls_cert = pick(a.tls_cert, "IMGSRV_TLS_CERT")
             .filter(|s| !s.is_empty())
             .map(PathBuf::from);
@@ -119,12 +129,25 @@ impl Config {
         let disk_reserve = parse_size(&reserve_raw).ok_or_else(|| {
             format!("disk reserve {reserve_raw:?} is not a size such as 256MiB, 2GiB or 0")
         })?;
+        let rate_raw = pick(a.scrub_rate, "IMGSRV_SCRUB_RATE").unwrap_or_else(|| "64MiB".into());
+        let scrub_rate = parse_size(&rate_raw).ok_or_else(|| {
+            format!("scrub rate {rate_raw:?} is not a size per second such as 64MiB, 1GiB or 0")
+        })?;
+        let scrub = crate::scrub::Settings {
+            interval: duration(
+                a.scrub_interval,
+                "IMGSRV_SCRUB_INTERVAL",
+                "7d",
+                "scrub interval",
+            )?,
+            rate: scrub_rate,
+        };
         if http_threads == 0 || publish_workers == 0 {
             return Err("thread counts must be at least 1".into());
         }
         Ok(Config {
             listen,
-            data_dir: PathBuf::from(data_dir),
+            data_dir,
             tls_cert,
             tls_key,
             metrics_listen,
@@ -138,6 +161,7 @@ impl Config {
             retire_grace: duration(a.retire_grace, "IMGSRV_RETIRE_GRACE", "2h", "retire grace")?,
             log_format,
             disk_reserve,
+            scrub,
             verbosity: number(a.verbosity, "IMGSRV_VERBOSITY", 2)?,
             http_threads,
             publish_workers,

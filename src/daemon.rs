@@ -110,6 +110,8 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         stop.clone(),
     );
     let doctor = jobs::start_doctor(store.clone(), stop.clone());
+    let scrub = crate::scrub::start(store.clone(), config.scrub, stop.clone());
+    let admin = crate::admin::AdminServer::start(&config.data_dir, store.clone(), stop.clone())?;
 
     let app = Arc::new(App {
         store: store.clone(),
@@ -156,6 +158,12 @@ pub fn serve(config: Config) -> Result<(), Failure> {
     // bound, stop publish steps at their next safe point, then close the database.
     stop.store(true, Ordering::SeqCst);
     app.ready.store(false, Ordering::SeqCst);
+    // A backup still streaming is cut off (its client says the server stopped) and the admin
+    // socket file removed; the scrub stops at its next batch.
+    admin.stop();
+    if let Some(h) = scrub {
+        let _ = h.join();
+    }
     let open = door.drain(config.shutdown_timeout);
     if open > 0 {
         log::warn(&format!(

@@ -2,6 +2,7 @@
 //!
 //! The README's ARCHITECTURE section is the map of these modules and their invariants.
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod clock;
@@ -15,7 +16,9 @@ pub mod jobs;
 pub mod log;
 pub mod metrics;
 pub mod model;
+pub mod ops;
 pub mod page;
+pub mod scrub;
 pub mod server;
 pub mod store;
 pub mod streams;

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = match parse_args() {
+    let cli = match parse() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
@@ -21,9 +21,15 @@ fn main() -> ExitCode {
         println!("imgsrv {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let Some(Command::Serve(args)) = cli.command else {
-        eprintln!("imgsrv: no command given; try `imgsrv serve` or `imgsrv --help`");
-        return ExitCode::from(2);
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        Some(Command::Backup(a)) => return command("backup", imgsrv::ops::backup(a)),
+        Some(Command::Check(a)) => return command("check", imgsrv::ops::check(a)),
+        Some(Command::Compact(a)) => return command("compact", imgsrv::ops::compact(a)),
+        None => {
+            eprintln!("imgsrv: no command given; try `imgsrv serve` or `imgsrv --help`");
+            return ExitCode::from(2);
+        }
     };
     let config = match Config::from_args(args) {
         Ok(c) => c,
@@ -41,29 +47,45 @@ fn main() -> ExitCode {
     }
 }
 
-/// Parses the command line. `-h` is taken for `--help`; help exits 0, a usage error exits 2
-/// (argh's own `from_env` exits 1 for both kinds of mistakes alike).
-fn parse_args() -> Result<Cli, ExitCode> {
+/// The exit of an operator command: its failure on stderr and its exit code.
+fn command(name: &str, result: Result<(), imgsrv::daemon::Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgsrv {name}: {}", e.message);
+            ExitCode::from(e.exit_code)
+        }
+    }
+}
+
+/// Parses the command line like `argh::from_env`, except that a usage error exits with 2 (argh
+/// would exit with 1, which the commands use for runtime failures).
+fn parse() -> Result<Cli, ExitCode> {
+    use argh::FromArgs;
     let args: Vec<String> = std::env::args().collect();
-    let args: Vec<&str> = args
+    let name = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|n| n.to_str())
+        .unwrap_or("imgsrv")
+        .to_string();
+    // `-h` is taken for `--help`, which argh alone does not accept.
+    let rest: Vec<&str> = args
         .iter()
+        .skip(1)
         .map(|a| if a == "-h" { "--help" } else { a.as_str() })
         .collect();
-    let cmd = std::path::Path::new(args.first().copied().unwrap_or("imgsrv"))
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("imgsrv");
-    match <Cli as argh::FromArgs>::from_args(&[cmd], args.get(1..).unwrap_or(&[])) {
-        Ok(cli) => Ok(cli),
-        Err(early) => match early.status {
-            Ok(()) => {
-                println!("{}", early.output);
-                Err(ExitCode::SUCCESS)
-            }
-            Err(()) => {
-                eprintln!("{}", early.output);
-                Err(ExitCode::from(2))
-            }
-        },
-    }
+    Cli::from_args(&[&name], &rest).map_err(|early| match early.status {
+        Ok(()) => {
+            println!("{}", early.output);
+            ExitCode::SUCCESS
+        }
+        Err(()) => {
+            eprintln!(
+                "{}\nRun {name} --help for more information.",
+                early.output.trim_end()
+            );
+            ExitCode::from(2)
+        }
+    })
 }

@@ -85,6 +85,58 @@ fn render_retirements(w: &mut String) {
     }
 }
 
+/// The background scrub (`scrub.rs`): progress of the pass under way, the last completed
+/// pass, what was verified and the damage found.
+fn render_scrub(w: &mut String) {
+    use crate::scrub::*;
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    for (name, kind, help, v) in [
+        (
+            "imgsrv_scrub_chunks_verified_total",
+            "counter",
+            "Stored chunks whose sha256 the scrub verified.",
+            load(&CHUNKS_VERIFIED),
+        ),
+        (
+            "imgsrv_scrub_bytes_verified_total",
+            "counter",
+            "Bytes of stored chunks the scrub verified.",
+            load(&BYTES_VERIFIED),
+        ),
+        (
+            "imgsrv_scrub_damaged_chunks_total",
+            "counter",
+            "Damaged chunks the scrub found (a chunk still damaged counts again each pass).",
+            load(&DAMAGED_FOUND),
+        ),
+        (
+            "imgsrv_scrub_passes_total",
+            "counter",
+            "Full scrub passes completed since start.",
+            load(&PASSES),
+        ),
+        (
+            "imgsrv_scrub_last_pass_damaged_chunks",
+            "gauge",
+            "Damaged chunks found by the last completed pass.",
+            load(&LAST_PASS_DAMAGED),
+        ),
+        (
+            "imgsrv_scrub_last_pass_completed_timestamp_seconds",
+            "gauge",
+            "When the last full scrub pass ended (unix time; 0 if never).",
+            load(&LAST_PASS_END),
+        ),
+    ] {
+        let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    let _ = writeln!(
+        w,
+        "# HELP imgsrv_scrub_progress_ratio Progress of the scrub pass under way (0 between passes).\n# TYPE imgsrv_scrub_progress_ratio gauge\nimgsrv_scrub_progress_ratio {}",
+        load(&PROGRESS_PPM) as f64 / 1e6
+    );
+}
+
 /// Renders every metric in the Prometheus text format.
 pub fn render(store: &Store, door: &DoorStats) -> String {
     let mut out = String::new();
@@ -249,6 +301,7 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
         store.file_bytes(),
     );
     render_retirements(w);
+    render_scrub(w);
     match store.stats() {
         Ok(s) => {
             let _ = writeln!(
@@ -297,6 +350,12 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
                 "imgsrv_blob_bytes",
                 "Sum of blob sizes (logical bytes, before deduplication).",
                 s.blob_bytes,
+            );
+            gauge(
+                w,
+                "imgsrv_database_live_bytes",
+                "Bytes of live data in the database file (the stored chunks); the file size minus this is about what `imgsrv compact` would return.",
+                s.chunk_bytes,
             );
             gauge(w, "imgsrv_chunks", "Distinct chunks stored.", s.chunks);
             gauge(

@@ -95,6 +95,7 @@ fn kill_during_part_upload() {
         chunk_hashes(&part1).len() + chunk_hashes(&part2).len()
     );
     assert!(db.parts.is_empty() && db.staging.is_empty());
+    crate::ops::assert_check_clean(s.data_dir());
 }
 
 /// SIGKILL right after the 2xx, then start again on the same file.
@@ -241,6 +242,8 @@ fn acknowledged_writes_survive_kill9() {
 
     let db = stop_and_read(&mut s);
     db.check(true);
+    // The operator's own check agrees after the crash cycles.
+    crate::ops::assert_check_clean(s.data_dir());
 }
 
 /// One GET or HEAD that tolerates the server being down (it is killed while this runs).
@@ -447,6 +450,8 @@ fn kill_during_publish_job_resumes() {
     assert!(r.body == disk, "the published disk differs");
     let db = stop_and_read(&mut s);
     db.check(true);
+    // The operator's own check agrees after the crash cycles.
+    crate::ops::assert_check_clean(s.data_dir());
 }
 
 fn uuid_u128(id: &str) -> u128 {
@@ -493,4 +498,5 @@ fn client_gone_mid_part_releases_staged_chunks() {
         1,
         "only the 10-byte part's chunk may remain"
     );
+    crate::ops::assert_check_clean(s.data_dir());
 }

@@ -591,7 +591,7 @@ fn sweeper_aborts_expired_sessions() {
 
 /// Flips one byte of a stored chunk, rewriting the value under the same key (the server must
 /// be stopped).
-fn damage_chunk(db_path: &Path, hash: &Hash) {
+pub fn damage_chunk(db_path: &Path, hash: &Hash) {
     let db = redb::Database::open(db_path).expect("opening the database");
     let txn = db.begin_write().unwrap();
     {

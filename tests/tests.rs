@@ -22,6 +22,7 @@ mod incusd;
 mod lifecycle;
 mod logs;
 mod metrics;
+mod ops;
 mod page;
 mod retention;
 mod smoke;

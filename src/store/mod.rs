@@ -10,8 +10,10 @@
 
 mod aliases;
 pub mod auth;
+pub mod backup;
 pub mod blobs;
 pub mod catalog;
+pub mod check;
 pub mod chunks;
 pub mod handle;
 pub mod jobs;
@@ -21,6 +23,7 @@ mod read;
 mod refcount;
 pub mod retention;
 pub mod retire;
+pub mod scrub;
 pub mod space;
 pub mod stats;
 pub mod streams;

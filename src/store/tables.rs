@@ -1,6 +1,8 @@
 //! Every redb table, with its key encoding and value layout. This file and the README's
 //! on-disk-format section are the specification of the database file; change both together
-//! and bump `SCHEMA_VERSION` with an explicit upgrade when a layout changes.
+//! and bump `SCHEMA_VERSION` with an explicit upgrade when a layout changes. A new table also
+//! goes into the list of `backup.rs` (a backup refuses a database holding a table it does not
+//! know, rather than leave it out of the copy).
 //!
 //! Conventions: UUIDs are keys as `u128` (big-endian order of the canonical form, so range
 //! scans over a prefix tuple work); digests are keys as their 32 raw sha256 bytes; catalog

@@ -1,5 +1,5 @@
 //! Validated settings: flags first, then `IMGSRV_*` environment variables, then defaults
-//! (API.md Decision 12).
+//! (docs/api.md, decision 12).
 
 use crate::cli::ServeArgs;
 use crate::clock::parse_duration;

@@ -1,8 +1,9 @@
 //! Domain errors shared by the store and the API.
 //!
 //! Every failure is classified by kind; the API maps kinds to HTTP statuses uniformly
-//! (invalid -> 400, not found -> 404, conflict -> 409, failed precondition -> 412,
-//! anything else -> 500), as API.md section 7 requires.
+//! (invalid -> 400, not found -> 404, conflict -> 409, failed precondition -> 412, storage
+//! full -> 507, storage recovering -> 503, anything else -> 500), as docs/api.md section 7
+//! says. How redb's failures are classified lives with the store (`store/handle.rs`).
 
 use std::fmt;
 

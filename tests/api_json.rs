@@ -1,4 +1,4 @@
-//! Strict JSON request bodies (API.md 1.2) on every JSON-body endpoint.
+//! Strict JSON request bodies (docs/api.md 1.2) on every JSON-body endpoint.
 
 use crate::util::*;
 use serde_json::{Value, json};

@@ -9,6 +9,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod frontdoor;
+pub mod hop;
 pub mod http;
 pub mod jobs;
 pub mod log;

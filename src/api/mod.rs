@@ -13,6 +13,8 @@ mod retention;
 mod streams;
 mod uploads;
 
+pub use uploads::withholds_body;
+
 use crate::error::Error;
 use crate::http::{Request, Response, percent_decode, problem};
 use crate::store::Store;

@@ -1455,3 +1455,45 @@ fn internal_hop_headers_never_reach_a_client() {
         assert_alive(&s);
     }
 }
+
+/// A part body the front door reads into the store that stalls past the I/O timeout, or ends
+/// early, is answered 400 and the connection closed; nothing of it is kept, and the server
+/// keeps serving.
+#[test]
+fn a_stalled_or_short_part_body_is_refused_and_nothing_kept() {
+    let s = Server::start_with(&["--io-timeout", "1s"]);
+    let w = s.writer_token();
+    let id = session(&s, &w);
+    let head = format!(
+        "PUT /v1/uploads/{id}/parts/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w}\r\nContent-Length: 100\r\n\r\nab"
+    );
+    // Stalled: two bytes of a hundred, then silence.
+    let mut c = connect(&s.addr);
+    let started = Instant::now();
+    c.write_all(head.as_bytes()).unwrap();
+    let (raw, _) = wait_closed(&mut c, Duration::from_secs(10));
+    let took = started.elapsed();
+    let r = parse_response(&raw, false);
+    r.assert_problem(400, "client stalled mid-body");
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "answered after {took:?}"
+    );
+    // Short: the client closes its sending side after two bytes.
+    let mut c = connect(&s.addr);
+    c.write_all(head.as_bytes()).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let (raw, _) = wait_closed(&mut c, Duration::from_secs(10));
+    parse_response(&raw, false).assert_problem(400, "client closed mid-body");
+    // Neither left a part behind.
+    let r = s.call(
+        "POST",
+        &format!("/v1/uploads/{id}/complete"),
+        &w,
+        &json!({"parts": [{"number": 1, "etag": "\"x\"", "size_bytes": 3}]}),
+    );
+    r.assert_problem(412, "upload part 1 has not been uploaded");
+    assert_eq!(put_part(&s, &w, &id, "1", b"abc").status, 200);
+    assert_serving(&s);
+}

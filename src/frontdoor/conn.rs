@@ -296,46 +296,8 @@ fn relay<C: Client>(
     // the body ends when the backend closes, so the client connection cannot be reused.
     let reuse = !early && head.keep_alive() && (bodyless || resp.content_length.is_some());
     client.write_all(&resp.for_client(!reuse, http10))?;
-
-    if !bodyless {
-        let resp_len = resp.content_length;
-        let mut left = resp_len.unwrap_or(u64::MAX);
-        let extra = rbuf.len() - rhead_len;
-        if extra > 0 {
-            let n = (extra as u64).min(left) as usize;
-            client.write_all(&rbuf[rhead_len..rhead_len + n])?;
-            left -= n as u64;
-        }
-        client.flush()?;
-        if left > 0
-            && resp_len.is_some()
-            && let Some(sock) = client.splice_target()
-        {
-            match splice_body(&backend, sock, left)? {
-                Spliced::All => left = 0,
-                Spliced::CutShort => return Ok(false),
-                Spliced::Unsupported(done) => left -= done,
-            }
-        }
-        let mut block = if left > 0 {
-            vec![0u8; RELAY_BUF]
-        } else {
-            Vec::new()
-        };
-        while left > 0 {
-            let want = left.min(RELAY_BUF as u64) as usize;
-            let n = match backend.read(&mut block[..want]) {
-                Ok(0) if resp_len.is_none() => break,
-                // The backend ended the body early: the client must see a short body and a
-                // closed connection, never a reused one.
-                Ok(0) => return Ok(false),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            client.write_all(&block[..n])?;
-            left -= n as u64;
-        }
+    if !bodyless && !relay_body(client, &backend, &rbuf[rhead_len..], resp.content_length)? {
+        return Ok(false);
     }
     client.flush()?;
     if early {
@@ -344,6 +306,54 @@ fn relay<C: Client>(
         drain_briefly(client, remaining);
     }
     Ok(reuse)
+}
+
+/// Relays a response body the request server wrote itself: `already` (read with the head),
+/// then the rest from the backend, `length` bytes in all or, without one, until it closes.
+/// Returns false when the backend ended the body early: the client must then see a short body
+/// and a closed connection, never a reused one.
+fn relay_body<C: Client>(
+    client: &mut C,
+    backend: &UnixStream,
+    already: &[u8],
+    length: Option<u64>,
+) -> io::Result<bool> {
+    let mut left = length.unwrap_or(u64::MAX);
+    if !already.is_empty() {
+        let n = (already.len() as u64).min(left) as usize;
+        client.write_all(&already[..n])?;
+        left -= n as u64;
+    }
+    client.flush()?;
+    if left > 0
+        && length.is_some()
+        && let Some(sock) = client.splice_target()
+    {
+        match splice_body(backend, sock, left)? {
+            Spliced::All => left = 0,
+            Spliced::CutShort => return Ok(false),
+            Spliced::Unsupported(done) => left -= done,
+        }
+    }
+    let mut block = if left > 0 {
+        vec![0u8; RELAY_BUF]
+    } else {
+        Vec::new()
+    };
+    let mut backend = backend;
+    while left > 0 {
+        let want = left.min(RELAY_BUF as u64) as usize;
+        let n = match backend.read(&mut block[..want]) {
+            Ok(0) if length.is_none() => break,
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        client.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    Ok(true)
 }
 
 /// Streams a blob range straight from the store after the request server's head (minus the

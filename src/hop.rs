@@ -141,6 +141,7 @@ pub struct Exchange {
     pub method: String,
     pub route: &'static str,
     pub path: String,
+    /// The status logged; set by `finish`, or beforehand for an exchange that is dropped.
     pub status: u16,
     pub started: Instant,
     finished: bool,

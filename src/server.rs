@@ -148,7 +148,7 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
     let close = headers.iter().any(|(k, v)| {
         k.eq_ignore_ascii_case("Connection") && v.to_ascii_lowercase().contains("close")
     });
-    let exchange = hop::Exchange::new(
+    let mut exchange = hop::Exchange::new(
         id.clone(),
         method.clone(),
         api::route_template(&path),
@@ -204,6 +204,8 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
         }
     };
     if let Some((receiver, blob)) = handoff {
+        // Should the front door never finish it, the exchange is logged with this status.
+        exchange.status = status;
         let token = hop::park(hop::Handoff { exchange, receiver });
         let directive = match blob {
             Some((digest, start, end)) => hop::Directive::Blob {

@@ -64,7 +64,7 @@ pub struct ServeArgs {
     /// number of publish workers (IMGSRV_PUBLISH_WORKERS; default 2)
     #[argh(option)]
     pub publish_workers: Option<usize>,
-    /// redb page cache size in MiB (IMGSRV_CACHE_MIB; default 64)
+    /// redb page cache size in MiB (IMGSRV_CACHE_MIB; default 8)
     #[argh(option)]
     pub cache_mib: Option<usize>,
     /// most client connections served at once; more get 503 (IMGSRV_MAX_CONNECTIONS; default 4096)

@@ -3,7 +3,7 @@
 
 use crate::api::App;
 use crate::config::Config;
-use crate::frontdoor::{Backend, FrontDoor, Stats};
+use crate::frontdoor::{FrontDoor, Stats};
 use crate::store::{DB_FILE, OpenError, Store};
 use crate::{jobs, log, server};
 use std::io::Write;
@@ -123,20 +123,22 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         tls: tls.is_some(),
     });
     let socket = backend_socket_path(&config);
-    let backend = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;
+    let request_server = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;
 
     let addr = listener
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_else(|_| config.listen.clone());
     let scheme = if tls.is_some() { "https" } else { "http" };
+    // The front door knows the store only as where blob bodies come from.
+    let weak_store: std::sync::Weak<crate::store::Store> = Arc::downgrade(&store);
+    let blobs: std::sync::Weak<dyn crate::hop::BlobSource> = weak_store;
     let door = Arc::new(FrontDoor {
-        store: Arc::downgrade(&store),
+        blobs,
+        withholds_body: crate::api::withholds_body,
         limits: config.limits.clone(),
         tls,
-        backend: Backend {
-            path: socket.clone(),
-        },
+        socket: socket.clone(),
         stats: Arc::new(Stats::default()),
         stop: stop.clone(),
     });
@@ -172,7 +174,7 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         ));
         return result.map_err(Failure::from);
     }
-    backend.stop();
+    request_server.stop();
     drop(app);
     for h in publishers {
         let _ = h.join();

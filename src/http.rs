@@ -1,5 +1,5 @@
 //! Protocol values independent of the server library: requests, responses, problem
-//! documents, byte ranges and conditional requests (API.md sections 6 and 7).
+//! documents, byte ranges and conditional requests (docs/api.md sections 6 and 7).
 
 use crate::clock::Timestamp;
 use crate::error::{Error, Kind};
@@ -15,6 +15,9 @@ pub struct Request<'a> {
     pub content_length: Option<u64>,
     pub body: &'a mut dyn Read,
     pub request_id: String,
+    /// The front door withheld the body (`content_length` bytes): `body` is empty, and a
+    /// handler that wants the bytes answers with [`Body::Receive`] instead of reading them.
+    pub body_withheld: bool,
 }
 
 impl Request<'_> {
@@ -37,6 +40,9 @@ pub enum Body {
         start: u64,
         end: u64,
     },
+    /// Not a body: the request's withheld body is to be read by the front door and given to
+    /// the receiver, whose response is the final answer (see `hop`).
+    Receive(crate::hop::Receiver),
 }
 
 pub struct Response {
@@ -93,6 +99,14 @@ impl Response {
 
     pub fn no_content() -> Response {
         Response::new(204)
+    }
+
+    /// Asks the front door for the withheld request body: `receiver` gets it and renders the
+    /// final answer.
+    pub fn receive(receiver: crate::hop::Receiver) -> Response {
+        let mut r = Response::new(200);
+        r.body = Body::Receive(receiver);
+        r
     }
 }
 
@@ -220,7 +234,7 @@ pub fn if_range_allows(if_range: Option<&str>, etag: &str, last_modified: Timest
     }
 }
 
-/// Parses a single-range `Range` header (API.md section 6, step 4).
+/// Parses a single-range `Range` header (docs/api.md section 6, step 4).
 pub fn parse_range(header: Option<&str>, size: u64) -> RangeOutcome {
     let Some(h) = header.map(str::trim).filter(|h| !h.is_empty()) else {
         return RangeOutcome::Full;

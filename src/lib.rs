@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod digest;
 pub mod error;
 pub mod frontdoor;
+pub mod hop;
 pub mod http;
 pub mod jobs;
 pub mod log;

@@ -9,9 +9,9 @@
 
 use crate::clock::Timestamp;
 use crate::digest::Digest;
+use crate::digest::hex;
 use crate::log;
 use crate::store::Store;
-use crate::validate::hex;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;

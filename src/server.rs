@@ -1,16 +1,19 @@
 //! The only module that names tiny_http: its private Unix-socket listener (the front door in
 //! `frontdoor/` owns the network), the request worker threads, turning a tiny_http request into
-//! an `http::Request` and writing `http::Response`s.
+//! an `http::Request` and writing `http::Response`s in the hop's format (`hop`).
 //!
 //! Responses are written through `into_writer()` with our own status line and headers, so
 //! every response carries `Content-Length` (tiny_http would switch to chunked encoding at
-//! 32 KiB) and blob bodies go to the socket in chunk-sized `write_all` calls. The exception is
-//! an answer to a request whose body was not read (e.g. a 401 to a large upload): tiny_http's
-//! `respond()` writes the answer *before* it drains the unread body, so the front door sees the
-//! answer early and stops sending the body, whereas `into_writer()` would drain first.
+//! 32 KiB). Blob bodies and part bodies never pass here: the answer carries a `hop` directive
+//! instead and the front door moves the bytes between the client and the store. The exception
+//! to `into_writer()` is an answer to a request whose relayed body was not read (e.g. a 401 to
+//! a large JSON body): tiny_http's `respond()` writes the answer *before* it drains the unread
+//! body, so the front door sees the answer early and stops sending the body, whereas
+//! `into_writer()` would drain first.
 
 use crate::api::{self, App};
-use crate::http::{Body, Request, Response, problem, reason};
+use crate::hop;
+use crate::http::{Body, Request, Response, problem};
 use crate::log;
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -22,12 +25,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// The running request server; dropping it does not stop the worker threads.
-pub struct Backend {
+pub struct RequestServer {
     server: Arc<tiny_http::Server>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
-impl Backend {
+impl RequestServer {
     /// Wakes every worker blocked waiting for a request and waits for them to return (each
     /// finishes the request it is handling first). Call after setting the stop flag.
     pub fn stop(self) {
@@ -48,7 +51,7 @@ pub fn start(
     app: Arc<App>,
     threads: usize,
     stopping: Arc<AtomicBool>,
-) -> Result<Backend, String> {
+) -> Result<RequestServer, String> {
     if path.exists() {
         std::fs::remove_file(path)
             .map_err(|e| format!("cannot remove stale socket {}: {e}", path.display()))?;
@@ -85,7 +88,7 @@ pub fn start(
             .map_err(|e| format!("cannot start worker thread: {e}"))?;
         workers.push(h);
     }
-    Ok(Backend { server, workers })
+    Ok(RequestServer { server, workers })
 }
 
 /// The request body, opened on the handler's first read, counting the bytes read (to know
@@ -122,39 +125,55 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
     let method = rq.method().as_str().to_ascii_uppercase();
     let url = rq.url().to_string();
     let path = url.split('?').next().unwrap_or("").to_string();
-    let headers: Vec<(String, String)> = rq
-        .headers()
-        .iter()
-        .map(|h| {
-            (
-                h.field.as_str().as_str().to_string(),
-                h.value.as_str().to_string(),
-            )
-        })
-        .collect();
+    let mut withheld: Option<u64> = None;
+    let mut headers: Vec<(String, String)> = Vec::with_capacity(rq.headers().len());
+    for h in rq.headers() {
+        let (k, v) = (h.field.as_str().as_str(), h.value.as_str());
+        // Only the front door can have set this: it drops every internal header a client sends.
+        if k.eq_ignore_ascii_case(hop::WITHHELD_HEADER) {
+            withheld = v.trim().parse().ok();
+            continue;
+        }
+        headers.push((k.to_string(), v.to_string()));
+    }
     let id = request_id(
         headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("X-Request-ID"))
             .map(|(_, v)| v.as_str()),
     );
-    let content_length = rq.body_length().map(|n| n as u64);
+    // What tiny_http will deliver, and what the API is told was declared.
+    let relayed_length = rq.body_length().map(|n| n as u64);
+    let content_length = withheld.or(relayed_length);
     let close = headers.iter().any(|(k, v)| {
         k.eq_ignore_ascii_case("Connection") && v.to_ascii_lowercase().contains("close")
     });
+    let mut exchange = hop::Exchange::new(
+        id.clone(),
+        method.clone(),
+        api::route_template(&path),
+        path.clone(),
+        started,
+    );
 
     let (response, body_read) = {
         let mut counting = LazyBody {
             rq: &mut rq,
             read: 0,
         };
+        let mut empty = std::io::empty();
         let mut req = Request {
             method: method.clone(),
             path: path.clone(),
             headers,
             content_length,
-            body: &mut counting,
+            body: if withheld.is_some() {
+                &mut empty
+            } else {
+                &mut counting
+            },
             request_id: id.clone(),
+            body_withheld: withheld.is_some(),
         };
         let response = match catch_unwind(AssertUnwindSafe(|| api::handle(app, &mut req))) {
             Ok(r) => r,
@@ -167,44 +186,55 @@ fn handle_one(app: &App, mut rq: tiny_http::Request) {
     };
     let status = response.status;
     let head_only = method == "HEAD";
-    let unread_body = content_length.unwrap_or(0) > body_read;
-    let sent = if unread_body && !matches!(response.body, Body::Blob { .. }) {
+    let unread_body = relayed_length.unwrap_or(0) > body_read;
+    // A body the front door moves itself is announced by a directive, and the exchange is
+    // parked for the front door to finish once it knows the bytes really moved.
+    let mut response = response;
+    let handoff = match std::mem::replace(&mut response.body, Body::Empty) {
+        Body::Receive(receiver) => {
+            // The final status and headers are the receiver's; this head only carries the
+            // directive.
+            response = Response::new(200);
+            Some((Some(receiver), None))
+        }
+        Body::Blob { digest, start, end } if !head_only => Some((None, Some((digest, start, end)))),
+        body => {
+            response.body = body;
+            None
+        }
+    };
+    if let Some((receiver, blob)) = handoff {
+        // Should the front door never finish it, the exchange is logged with this status.
+        exchange.status = status;
+        let token = hop::park(hop::Handoff { exchange, receiver });
+        let directive = match blob {
+            Some((digest, start, end)) => hop::Directive::Blob {
+                token,
+                digest,
+                start,
+                end,
+            },
+            None => hop::Directive::Receive {
+                token,
+                length: content_length.unwrap_or(0),
+            },
+        };
+        let written = write_head_only(rq.into_writer(), response, &id, close, &directive);
+        if let Err(e) = written
+            && let Some(h) = hop::claim(token)
+        {
+            h.exchange
+                .finish(status, body_read, Err((0, e.to_string())));
+        }
+        return;
+    }
+    let sent = if unread_body {
         respond_before_drain(rq, response, &id)
     } else {
         write_response(rq.into_writer(), response, &id, head_only, close)
     };
-    let route = api::route_template(&path);
-    let bytes_sent = sent.as_ref().copied().unwrap_or(0);
-    crate::metrics::record_request(
-        route,
-        &method,
-        status,
-        started.elapsed(),
-        body_read,
-        bytes_sent,
-    );
-    log::event(
-        "info",
-        2,
-        "request",
-        &[
-            ("request_id", id),
-            ("method", method),
-            ("route", route.to_string()),
-            ("path", path),
-            ("status", status.to_string()),
-            (
-                "bytes",
-                sent.as_ref()
-                    .map(|n| n.to_string())
-                    .unwrap_or_else(|e| format!("cut: {e}")),
-            ),
-            (
-                "duration_ms",
-                format!("{:.3}", started.elapsed().as_secs_f64() * 1000.0),
-            ),
-        ],
-    );
+    let sent = sent.map_err(|e| (0, e.to_string()));
+    exchange.finish(status, body_read, sent);
 }
 
 /// Answers through tiny_http's `respond()`, which writes the response before draining the
@@ -237,7 +267,7 @@ fn respond_before_drain(rq: tiny_http::Request, resp: Response, id: &str) -> std
     Ok(len)
 }
 
-/// Writes status line, headers and body. Returns the body bytes sent.
+/// Writes a whole response (see `hop::write_response`). Returns the body bytes sent.
 fn write_response(
     writer: Box<dyn Write + Send>,
     resp: Response,
@@ -246,53 +276,19 @@ fn write_response(
     close: bool,
 ) -> std::io::Result<u64> {
     let mut w = BufWriter::with_capacity(16 * 1024, writer);
-    write!(w, "HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status))?;
-    write!(
-        w,
-        "Server: imgsrv\r\nDate: {}\r\nX-Request-ID: {id}\r\n",
-        httpdate::fmt_http_date(std::time::SystemTime::now())
-    )?;
-    for (k, v) in &resp.headers {
-        write!(w, "{k}: {v}\r\n")?;
-    }
-    // A blob body is not sent through this socket: the front door, which holds the client's
-    // connection, streams it straight from the store (see `frontdoor::conn`). That saves a copy
-    // through the private socket and frees this worker at once.
-    if let Body::Blob { digest, start, end } = &resp.body
-        && !head_only
-    {
-        write!(
-            w,
-            "{}: {} {start} {end}\r\n",
-            crate::frontdoor::BLOB_BODY_HEADER,
-            crate::validate::hex(digest)
-        )?;
-    }
-    let bodyless = matches!(resp.status, 204 | 304) || (100..200).contains(&resp.status);
-    if !bodyless {
-        let len = resp.content_length.unwrap_or(match &resp.body {
-            Body::Bytes(b) => b.len() as u64,
-            _ => 0,
-        });
-        write!(w, "Content-Length: {len}\r\n")?;
-    }
-    if close {
-        w.write_all(b"Connection: close\r\n")?;
-    }
-    w.write_all(b"\r\n")?;
-    if head_only || bodyless {
-        w.flush()?;
-        return Ok(0);
-    }
-    let sent = match resp.body {
-        Body::Empty => 0,
-        Body::Bytes(b) => {
-            w.write_all(&b)?;
-            b.len() as u64
-        }
-        // Streamed by the front door, as announced in the head.
-        Body::Blob { start, end, .. } => end - start,
-    };
+    let sent = hop::write_response(&mut w, resp, id, head_only, close, None)?;
     w.flush()?;
     Ok(sent)
+}
+
+/// Writes the head of an answer whose body the front door moves, with its directive.
+fn write_head_only(
+    mut writer: Box<dyn Write + Send>,
+    resp: Response,
+    id: &str,
+    close: bool,
+    directive: &hop::Directive,
+) -> std::io::Result<()> {
+    hop::write_response(&mut writer, resp, id, true, close, Some(directive))?;
+    writer.flush()
 }

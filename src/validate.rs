@@ -132,15 +132,6 @@ pub fn check_optional_text(what: &str, value: &Option<String>) -> Result<()> {
     }
 }
 
-// The front door and the private hop (`src/frontdoor`, `src/server.rs`) still name these two;
-// they forward to `crate::digest` and go once those files use `Digest` themselves.
-pub use crate::digest::hex;
-
-/// The 32 bytes of a `sha256:<hex>` digest, or `None`.
-pub fn digest_bytes(s: &str) -> Option<[u8; 32]> {
-    crate::digest::Digest::parse(s).map(|d| *d.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1231,3 +1231,183 @@ fn curl_waiting_for_100_continue_is_answered_at_once() {
     assert!(took < 2.0, "TLS 401 took {took} s");
     assert_alive(&s);
 }
+
+/// The private hop's internal headers (`X-Imgsrv-...`: the directive by which the request
+/// server hands a body to the front door, the withheld-body marker) never reach a client,
+/// whatever the answer: downloads whole, ranged, HEAD, 304, 416 and 404, part uploads accepted
+/// (with and without `Expect: 100-continue`) and refused, over plain TCP and TLS. Internal
+/// headers a client sends are dropped before the request server sees them, so they change
+/// nothing.
+#[test]
+fn internal_hop_headers_never_reach_a_client() {
+    if !require_tool("openssl") || !require_tool("curl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    ec_req(
+        d,
+        "self",
+        "imgsrv-test",
+        &[
+            "-x509",
+            "-days",
+            "2",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+    );
+    let cert = d.join("self.pem");
+    let data = bytes(2 * CHUNK_SIZE + 10, 61);
+    // Set up over plain HTTP, then serve the same data over plain TCP and over TLS.
+    let mut s = Server::start();
+    let w = s.writer_token();
+    let digest = s.upload(&w, &data);
+    let id = session(&s, &w);
+    for tls in [false, true] {
+        if tls {
+            s.extra = [
+                "--tls-cert",
+                cert.to_str().unwrap(),
+                "--tls-key",
+                d.join("self.key").to_str().unwrap(),
+            ]
+            .map(String::from)
+            .to_vec();
+            s.start_again();
+        }
+        let base = format!("{}://{}", if tls { "https" } else { "http" }, s.addr);
+        let blob = format!("{base}/v1/blobs/{digest}");
+        let part = format!("{base}/v1/uploads/{id}/parts/1");
+        let bearer = format!("Authorization: Bearer {w}");
+        let inm = format!("If-None-Match: \"{digest}\"");
+        let missing = format!("{base}/v1/blobs/sha256:{}", "0".repeat(64));
+        let put = ["-X", "PUT", "--data-binary", "abc"];
+        let cases: Vec<(Vec<&str>, u16, usize)> = vec![
+            (vec![&blob], 200, data.len()),
+            (vec!["-r", "5-20", &blob], 206, 16),
+            (
+                vec!["-r", "0-", "-H", "X-Imgsrv-Hop: blob 1 x 0 1", &blob],
+                206,
+                data.len(),
+            ),
+            (vec!["-I", &blob], 200, 0),
+            (vec!["-H", &inm, &blob], 304, 0),
+            (vec!["-r", "99999999-", &blob], 416, 0),
+            (vec![&missing], 404, 0),
+            ([&put[..], &["-H", &bearer, &part]].concat(), 200, 0),
+            (
+                [
+                    &put[..],
+                    &[
+                        "-H",
+                        &bearer,
+                        "-H",
+                        "Expect: 100-continue",
+                        "-H",
+                        "X-Imgsrv-Withheld: 0",
+                        "-H",
+                        "X-Imgsrv-Hop: receive 1 3",
+                        &part,
+                    ],
+                ]
+                .concat(),
+                200,
+                0,
+            ),
+            (
+                [
+                    &put[..],
+                    &["-H", "Authorization: Bearer imgsrv_at_wrong", &part],
+                ]
+                .concat(),
+                401,
+                0,
+            ),
+        ];
+        for (i, (args, status, len)) in cases.iter().enumerate() {
+            let (head, body) = (d.join(format!("head.{i}")), d.join(format!("body.{i}")));
+            let mut cmd = Command::new("curl");
+            cmd.args(["-sS", "--max-time", "20", "-D"])
+                .arg(&head)
+                .arg("-o")
+                .arg(&body)
+                .args(["-w", "%{http_code}"]);
+            if tls {
+                cmd.arg("--cacert").arg(&cert);
+            }
+            let out = cmd.args(args).output().expect("running curl");
+            let got = String::from_utf8_lossy(&out.stdout).into_owned();
+            let what = format!("case {i} (tls {tls}): {args:?}");
+            assert_eq!(
+                got,
+                status.to_string(),
+                "{what}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let head = std::fs::read_to_string(&head).unwrap();
+            let body = std::fs::read(&body).unwrap_or_default();
+            assert!(head.contains("X-Request-ID"), "{what}: {head}");
+            for line in head.lines() {
+                assert!(
+                    !line.to_ascii_lowercase().starts_with("x-imgsrv"),
+                    "{what}: an internal header reached the client: {line}"
+                );
+            }
+            if *len > 0 {
+                assert_eq!(body.len(), *len, "{what}");
+            }
+            if *status == 200 && args.contains(&"PUT") {
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(v["size_bytes"], 3, "{what}: {v}");
+            }
+            if body.len() < 4096 {
+                let text = String::from_utf8_lossy(&body).to_ascii_lowercase();
+                assert!(!text.contains("x-imgsrv"), "{what}: {text}");
+            }
+        }
+        assert_alive(&s);
+    }
+}
+
+/// A part body the front door reads into the store that stalls past the I/O timeout, or ends
+/// early, is answered 400 and the connection closed; nothing of it is kept, and the server
+/// keeps serving.
+#[test]
+fn a_stalled_or_short_part_body_is_refused_and_nothing_kept() {
+    let s = Server::start_with(&["--io-timeout", "1s"]);
+    let w = s.writer_token();
+    let id = session(&s, &w);
+    let head = format!(
+        "PUT /v1/uploads/{id}/parts/1 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {w}\r\nContent-Length: 100\r\n\r\nab"
+    );
+    // Stalled: two bytes of a hundred, then silence.
+    let mut c = connect(&s.addr);
+    let started = Instant::now();
+    c.write_all(head.as_bytes()).unwrap();
+    let (raw, _) = wait_closed(&mut c, Duration::from_secs(10));
+    let took = started.elapsed();
+    let r = parse_response(&raw, false);
+    r.assert_problem(400, "client stalled mid-body");
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+        "answered after {took:?}"
+    );
+    // Short: the client closes its sending side after two bytes.
+    let mut c = connect(&s.addr);
+    c.write_all(head.as_bytes()).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let (raw, _) = wait_closed(&mut c, Duration::from_secs(10));
+    parse_response(&raw, false).assert_problem(400, "client closed mid-body");
+    // Neither left a part behind.
+    let r = s.call(
+        "POST",
+        &format!("/v1/uploads/{id}/complete"),
+        &w,
+        &json!({"parts": [{"number": 1, "etag": "\"x\"", "size_bytes": 3}]}),
+    );
+    r.assert_problem(412, "upload part 1 has not been uploaded");
+    assert_eq!(put_part(&s, &w, &id, "1", b"abc").status, 200);
+    assert_serving(&s);
+}

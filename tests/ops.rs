@@ -446,8 +446,10 @@ fn compaction_returns_the_space_of_a_retired_version() {
     let mut s = Server::start_with(&[
         "--retire-grace",
         "1s",
+        // Short enough that the ready upload's hold on the big blob ends within the wait
+        // below, long enough that a loaded machine still attaches the blobs before it does.
         "--upload-ttl",
-        "2s",
+        "8s",
         "--metrics-listen",
         "127.0.0.1:0",
     ]);

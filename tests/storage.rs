@@ -622,13 +622,37 @@ fn corrupted_chunk_is_never_served() {
     s.restart();
 
     let path = format!("/v1/blobs/{digest}");
-    let r = s.get(&path);
+    let r = s.get_with(&path, &[("X-Request-ID", "cut-download")]);
     assert_eq!(r.status, 200);
     assert_eq!(r.header("Content-Length"), Some(n.to_string().as_str()));
     assert!(r.body.len() < n, "a corrupted blob was served whole");
     assert!(
         r.body.len() <= CHUNK_SIZE,
         "bytes of the corrupted chunk were sent"
+    );
+    // The request log line and the byte counter tell what the client really got (the first
+    // chunk), not the length the head announced.
+    let mut line = String::new();
+    wait_until(10, "the request is logged", || {
+        line = s
+            .log_text()
+            .lines()
+            .find(|l| l.contains("request_id=cut-download"))
+            .unwrap_or_default()
+            .to_string();
+        !line.is_empty()
+    });
+    assert!(
+        line.contains(&format!("bytes=\"{CHUNK_SIZE} (cut: ")),
+        "the log line claims other bytes: {line}"
+    );
+    let sent = metric(
+        &metrics_addr(&s),
+        "imgsrv_http_response_body_bytes_total{route=\"/v1/blobs/{digest}\"}",
+    );
+    assert_eq!(
+        sent, CHUNK_SIZE as f64,
+        "the byte counter counts what was sent"
     );
     assert!(r.body == data[..r.body.len()], "a wrong byte was served");
     // The log line is written as the download is cut; the test reads stderr on a thread.

@@ -116,6 +116,7 @@ mod tests {
                 .map(|v| vec![("If-None-Match".to_string(), v.to_string())])
                 .unwrap_or_default(),
             content_length: None,
+            body_withheld: false,
             body: &mut empty,
             request_id: "t".into(),
         };

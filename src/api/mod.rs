@@ -14,6 +14,8 @@ mod routes;
 mod streams;
 mod uploads;
 
+pub use uploads::withholds_body;
+
 use crate::http::{Request, Response, problem};
 use crate::store::Store;
 use crate::store::auth::Caller;

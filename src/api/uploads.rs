@@ -1,12 +1,14 @@
-//! `/v1/uploads`: begin, parts, complete, abort, get (API.md 4.1, Decisions 2 and 3).
+//! `/v1/uploads`: begin, parts, complete, abort, get (docs/api.md 4.1, decisions 2 and 3).
 
 use super::{App, HandlerResult, Object, json_body, require, uuid_param};
 use crate::http::{Request, Response, problem};
+use crate::store::Store;
 use crate::store::auth::ACTION_CONTENT_WRITE;
 use crate::store::chunks::CHUNK_SIZE;
 use crate::store::uploads::{BeginUpload, MAX_PART_SIZE};
 use serde::Deserialize;
 use std::io::Read;
+use uuid::Uuid;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -36,6 +38,12 @@ pub fn get(app: &App, id: &str) -> HandlerResult {
     Ok(Response::json(200, &app.store.upload(id)?))
 }
 
+/// Whether the front door withholds a request's body from the request server: only a part's,
+/// which goes straight into the store (see `hop`). Every other body is small JSON, relayed.
+pub fn withholds_body(method: &str, path: &str) -> bool {
+    method == "PUT" && super::route_template(path) == "/v1/uploads/{upload_id}/parts/{part_number}"
+}
+
 pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> HandlerResult {
     require(app, req, ACTION_CONTENT_WRITE)?;
     let id = uuid_param(id, "upload id")?;
@@ -56,17 +64,39 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
     }
     app.store.check_accepts_parts(id)?;
     // Refuse with 507 before reading a byte when the part would eat into the disk reserve;
-    // the claim holds its space against concurrent uploads until this part is stored.
-    let _claim = app.store.admit(length)?;
+    // the claim holds its space against concurrent uploads until this part is stored (it
+    // moves into the receiver, which may run after this handler has returned).
+    let claim = app.store.admit_owned(length)?;
+    let store = app.store.clone();
+    let receive = move |body: &mut dyn Read| -> Response {
+        let _claim = claim;
+        match store_part(&store, id, number as u32, length, body) {
+            Ok(r) | Err(r) => r,
+        }
+    };
+    if req.body_withheld {
+        // The front door reads the body from the client and runs the receiver with it.
+        return Ok(Response::receive(Box::new(receive)));
+    }
+    Ok(receive(req.body))
+}
 
-    // Stream the body one chunk at a time: memory per request is one chunk buffer, and each
-    // chunk is committed before the next byte is read from the socket.
-    let mut writer = app.store.part_writer(id, number as u32);
-    let mut buf = vec![0u8; CHUNK_SIZE];
+/// Streams a part body one chunk at a time into the store and answers with the part: memory per
+/// request is one chunk buffer, and each chunk is committed before the next byte is read from
+/// the socket.
+fn store_part(
+    store: &Store,
+    id: Uuid,
+    number: u32,
+    length: u64,
+    body: &mut dyn Read,
+) -> HandlerResult {
+    let mut writer = store.part_writer(id, number);
+    let mut buf = vec![0u8; CHUNK_SIZE.min(length as usize)];
     let mut remaining = length;
     while remaining > 0 {
         let want = remaining.min(CHUNK_SIZE as u64) as usize;
-        read_full(req.body, &mut buf[..want]).map_err(|e| {
+        read_full(body, &mut buf[..want]).map_err(|e| {
             problem(
                 400,
                 &format!("reading part body: {e} ({remaining} bytes missing)"),

@@ -1,14 +1,20 @@
 //! One client connection: read a bounded head, check it, relay the request to tiny_http on a
 //! fresh backend connection (`Connection: close`, so tiny_http ends it after the response),
 //! relay the response back, and keep the client connection alive when both sides allow it.
+//! When the answer carries a `hop` directive, the body is moved here instead: a blob range
+//! streamed from the store, or a withheld part body read from the client into the API's
+//! receiver.
 
 use super::FrontDoor;
 use super::head::{self, HeadError, RequestHead};
+use crate::hop::{self, Directive};
+use crate::http::problem;
 use crate::log;
 use rustls::{ServerConnection, StreamOwned};
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -62,26 +68,20 @@ pub fn serve(door: &FrontDoor, sock: TcpStream) {
     }
 }
 
-/// A minimal complete response written by the front door itself (problem+json).
+/// A minimal complete response written by the front door itself (problem+json), in the same
+/// wire format as the request server's answers.
 pub fn simple_response(status: u16, detail: &str, keep_alive: bool) -> Vec<u8> {
-    let body = format!(
-        "{{\"type\":\"about:blank\",\"title\":\"{}\",\"status\":{status},\"detail\":{}}}\n",
-        crate::http::reason(status),
-        serde_json::Value::from(detail)
+    let mut out = Vec::with_capacity(512);
+    let id = uuid::Uuid::new_v4().to_string();
+    let _ = hop::write_response(
+        &mut out,
+        problem(status, detail),
+        &id,
+        false,
+        !keep_alive,
+        None,
     );
-    let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nServer: imgsrv\r\nDate: {}\r\nX-Request-ID: {}\r\nContent-Type: application/problem+json\r\nContent-Length: {}\r\n",
-        crate::http::reason(status),
-        httpdate::fmt_http_date(std::time::SystemTime::now()),
-        uuid::Uuid::new_v4(),
-        body.len()
-    );
-    if !keep_alive {
-        out.push_str("Connection: close\r\n");
-    }
-    out.push_str("\r\n");
-    out.push_str(&body);
-    out.into_bytes()
+    out
 }
 
 fn reject<C: Client>(client: &mut C, status: u16, detail: &str) {
@@ -96,27 +96,6 @@ fn reject<C: Client>(client: &mut C, status: u16, detail: &str) {
             ("detail", detail.to_string()),
         ],
     );
-}
-
-/// Hop-by-hop headers the front door owns; they are not forwarded.
-fn hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "upgrade",
-        "expect",
-        "transfer-encoding",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
-}
-
-fn is_part_upload(head: &RequestHead) -> bool {
-    head.method == "PUT"
-        && head.target.starts_with("/v1/uploads/")
-        && head.target.contains("/parts/")
 }
 
 fn serve_stream<C: Client>(door: &FrontDoor, mut client: C) {
@@ -176,7 +155,8 @@ fn serve_stream<C: Client>(door: &FrontDoor, mut client: C) {
         if head.header("Transfer-Encoding").is_some() {
             // Chunked request bodies are not supported; the connection cannot be reused because
             // the body's end is unknown.
-            return if is_part_upload(&head) {
+            let path = head.target.split('?').next().unwrap_or("");
+            return if (door.withholds_body)(&head.method, path) {
                 reject(&mut client, 400, "content length is required")
             } else {
                 reject(
@@ -220,50 +200,38 @@ fn relay<C: Client>(
     length: u64,
     buf: &mut Vec<u8>,
 ) -> io::Result<bool> {
-    let mut backend = match UnixStream::connect(&door.backend.path) {
+    let mut backend = match UnixStream::connect(&door.socket) {
         Ok(b) => b,
         Err(e) => {
             reject(client, 503, "server is busy or shutting down");
             return Err(e);
         }
     };
-    // `100 Continue` must promise only what the handler will accept, so the expectation is
-    // passed on: tiny_http sends its interim answer when the handler first reads the body, and a
-    // handler that refuses the request without reading sends the final status instead. An
-    // HTTP/1.0 expectation is ignored (RFC 9110 10.1.1), as is one on a request without a body.
+    // A body the API stores as it is (a part) is withheld: the request server decides on the
+    // head alone and asks for the body with a `receive` directive, and the front door moves it
+    // into the store itself instead of through the private socket and tiny_http.
+    let path = head.target.split('?').next().unwrap_or("");
+    let withheld = length > 0 && (door.withholds_body)(&head.method, path);
+    // `100 Continue` must promise only what the handler will accept. For a withheld body the
+    // front door sends it once the request server asked for the body; otherwise the expectation
+    // is passed on: tiny_http sends its interim answer when the handler first reads the body,
+    // and a handler that refuses the request without reading sends the final status instead.
+    // An HTTP/1.0 expectation is ignored (RFC 9110 10.1.1), as is one on a request without a
+    // body.
     let expect =
         length > 0 && head.version == "HTTP/1.1" && head.has_token("Expect", "100-continue");
-    let mut out = Vec::with_capacity(1024);
-    write!(out, "{} {} {}\r\n", head.method, head.target, head.version)?;
-    for (k, v) in &head.headers {
-        // The length goes once, normalised: tiny_http cannot parse a list such as `3, 3`.
-        // tiny_http drops the whole connection without an answer on a header value that is not
-        // ASCII; no header the API reads can carry such a value meaningfully, so the line is
-        // left out (an `X-Request-ID` like that is replaced by a fresh one, as API.md says).
-        if !hop_by_hop(k) && !k.eq_ignore_ascii_case("Content-Length") && v.is_ascii() {
-            write!(out, "{k}: {v}\r\n")?;
-        }
-    }
-    if head.header("Content-Length").is_some() {
-        write!(out, "Content-Length: {length}\r\n")?;
-    }
-    if expect {
-        out.extend_from_slice(b"Expect: 100-continue\r\n");
-    }
-    // `upgrade` makes tiny_http hand the handler the plain socket instead of a reader bounded
-    // by Content-Length, whose drop drains the unread rest of a body into one allocation of
-    // that size: a 401 to a 5 GiB part would abort the process wherever 5 GiB cannot be
-    // allocated. The body is bounded here instead: the backend reads EOF right after it.
-    out.extend_from_slice(b"Connection: close, upgrade\r\n\r\n");
-    backend.write_all(&out)?;
+    backend.write_all(&hop::request_head(head, length, expect, withheld))?;
 
     let mut rbuf = Vec::with_capacity(4096);
-    let (remaining, answered) =
-        send_body(door, client, &mut backend, length, buf, expect, &mut rbuf)?;
+    let (remaining, answered) = if withheld {
+        (length, None)
+    } else {
+        send_body(door, client, &mut backend, length, buf, expect, &mut rbuf)?
+    };
     // The backend answered before the whole body arrived (e.g. 401 to a large upload): the
     // rest of the body is not read and the client connection is closed after the response.
-    let early = remaining > 0;
-    if !early {
+    // (A withheld body is read later if the answer asks for it.)
+    if remaining == 0 || withheld {
         let _ = backend.shutdown(std::net::Shutdown::Write);
     }
     let rhead_len = match answered {
@@ -277,107 +245,59 @@ fn relay<C: Client>(
             rbuf.drain(..n);
         },
     };
-    let text = String::from_utf8_lossy(&rbuf[..rhead_len - 4]).into_owned();
-    let mut lines = text.split("\r\n");
-    let status_line = lines.next().unwrap_or("");
-    let status: u16 = status_line
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(502);
-    let mut resp_len: Option<u64> = None;
-    // A client that asked to close is told so in the answer (RFC 9112 9.6).
-    let reuse = !early && head.keep_alive();
-    let mut blob: Option<([u8; 32], u64, u64)> = None;
-    let mut rhead = Vec::with_capacity(rhead_len + 32);
-    rhead.extend_from_slice(status_line.as_bytes());
-    rhead.extend_from_slice(b"\r\n");
-    for l in lines {
-        let Some((k, v)) = l.split_once(':') else {
-            continue;
-        };
-        if k.eq_ignore_ascii_case("Connection") {
-            continue;
+    let resp = hop::parse_response_head(&rbuf[..rhead_len - 4]);
+    let http10 = head.version == "HTTP/1.0";
+    match resp.directive {
+        Some(Directive::Receive { token, length: n }) if withheld && n == length => {
+            drop(backend);
+            return receive(door, client, head, token, length, buf, expect);
         }
-        if k.eq_ignore_ascii_case("Content-Length") {
-            resp_len = v.trim().parse().ok();
+        Some(Directive::Blob {
+            token,
+            digest,
+            start,
+            end,
+        }) if remaining == 0 => {
+            drop(backend);
+            let reuse = head.keep_alive();
+            return send_blob(
+                door,
+                client,
+                &resp,
+                token,
+                &digest,
+                start..end,
+                reuse,
+                http10,
+            );
         }
-        if k.eq_ignore_ascii_case(super::BLOB_BODY_HEADER) {
-            blob = parse_blob_directive(v);
-            continue;
-        }
-        rhead.extend_from_slice(l.as_bytes());
-        rhead.extend_from_slice(b"\r\n");
-    }
-    let bodyless = head.method == "HEAD" || matches!(status, 204 | 304) || status < 200;
-    // Without a length the body ends when the backend closes, so the client connection cannot
-    // be reused.
-    let reuse = reuse && (bodyless || resp_len.is_some());
-    if !reuse {
-        rhead.extend_from_slice(b"Connection: close\r\n");
-    } else if head.version == "HTTP/1.0" {
-        // An HTTP/1.0 client keeps the connection only when the answer says so.
-        rhead.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    rhead.extend_from_slice(b"\r\n");
-    if let (Some((digest, start, end)), false) = (blob, bodyless) {
-        // Open the blob before anything is sent, so that one collected since the request
-        // server looked is still a clean 404 rather than a short body.
-        let opened = door.store.upgrade().map(|s| s.open_blob(&digest));
-        let Some(Ok(Some((_, reader)))) = opened else {
-            client.write_all(&simple_response(404, "blob not found", false))?;
-            return Ok(false);
-        };
-        client.write_all(&rhead)?;
-        if let Err(e) = reader.write_range(client, start, end) {
-            // A chunk failed verification (already logged and counted) or the client went
-            // away: the client must see a short body and a closed connection.
-            log::event("debug", 3, &format!("blob body cut short: {e}"), &[]);
+        Some(d) => {
+            hop::claim(d.token());
+            reject(
+                client,
+                500,
+                "internal error: unexpected directive on the private hop",
+            );
             return Ok(false);
         }
-        client.flush()?;
-        return Ok(reuse);
+        None if resp.bad_directive => {
+            reject(
+                client,
+                500,
+                "internal error: unreadable directive on the private hop",
+            );
+            return Ok(false);
+        }
+        None => {}
     }
-    client.write_all(&rhead)?;
-
-    if !bodyless {
-        let mut left = resp_len.unwrap_or(u64::MAX);
-        let extra = rbuf.len() - rhead_len;
-        if extra > 0 {
-            let n = (extra as u64).min(left) as usize;
-            client.write_all(&rbuf[rhead_len..rhead_len + n])?;
-            left -= n as u64;
-        }
-        client.flush()?;
-        if left > 0
-            && resp_len.is_some()
-            && let Some(sock) = client.splice_target()
-        {
-            match splice_body(&backend, sock, left)? {
-                Spliced::All => left = 0,
-                Spliced::CutShort => return Ok(false),
-                Spliced::Unsupported(done) => left -= done,
-            }
-        }
-        let mut block = if left > 0 {
-            vec![0u8; RELAY_BUF]
-        } else {
-            Vec::new()
-        };
-        while left > 0 {
-            let want = left.min(RELAY_BUF as u64) as usize;
-            let n = match backend.read(&mut block[..want]) {
-                Ok(0) if resp_len.is_none() => break,
-                // The backend ended the body early (a chunk failed verification): the client
-                // must see a short body and a closed connection, never a reused one.
-                Ok(0) => return Ok(false),
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            client.write_all(&block[..n])?;
-            left -= n as u64;
-        }
+    let early = remaining > 0;
+    let bodyless = head.method == "HEAD" || matches!(resp.status, 204 | 304) || resp.status < 200;
+    // A client that asked to close is told so in the answer (RFC 9112 9.6). Without a length
+    // the body ends when the backend closes, so the client connection cannot be reused.
+    let reuse = !early && head.keep_alive() && (bodyless || resp.content_length.is_some());
+    client.write_all(&resp.for_client(!reuse, http10))?;
+    if !bodyless && !relay_body(client, &backend, &rbuf[rhead_len..], resp.content_length)? {
+        return Ok(false);
     }
     client.flush()?;
     if early {
@@ -388,13 +308,244 @@ fn relay<C: Client>(
     Ok(reuse)
 }
 
-/// Parses `<sha256 hex> <start> <end>`.
-fn parse_blob_directive(v: &str) -> Option<([u8; 32], u64, u64)> {
-    let mut parts = v.split_whitespace();
-    let digest = crate::validate::digest_bytes(&format!("sha256:{}", parts.next()?))?;
-    let start = parts.next()?.parse().ok()?;
-    let end = parts.next()?.parse().ok()?;
-    (start <= end).then_some((digest, start, end))
+/// Relays a response body the request server wrote itself: `already` (read with the head),
+/// then the rest from the backend, `length` bytes in all or, without one, until it closes.
+/// Returns false when the backend ended the body early: the client must then see a short body
+/// and a closed connection, never a reused one.
+fn relay_body<C: Client>(
+    client: &mut C,
+    backend: &UnixStream,
+    already: &[u8],
+    length: Option<u64>,
+) -> io::Result<bool> {
+    let mut left = length.unwrap_or(u64::MAX);
+    if !already.is_empty() {
+        let n = (already.len() as u64).min(left) as usize;
+        client.write_all(&already[..n])?;
+        left -= n as u64;
+    }
+    client.flush()?;
+    if left > 0
+        && length.is_some()
+        && let Some(sock) = client.splice_target()
+    {
+        match splice_body(backend, sock, left)? {
+            Spliced::All => left = 0,
+            Spliced::CutShort => return Ok(false),
+            Spliced::Unsupported(done) => left -= done,
+        }
+    }
+    let mut block = if left > 0 {
+        vec![0u8; RELAY_BUF]
+    } else {
+        Vec::new()
+    };
+    let mut backend = backend;
+    while left > 0 {
+        let want = left.min(RELAY_BUF as u64) as usize;
+        let n = match backend.read(&mut block[..want]) {
+            Ok(0) if length.is_none() => break,
+            Ok(0) => return Ok(false),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        client.write_all(&block[..n])?;
+        left -= n as u64;
+    }
+    Ok(true)
+}
+
+/// Streams a blob range straight from the store after the request server's head (minus the
+/// directive), then finishes the request's log line and metrics with the bytes really sent.
+#[allow(clippy::too_many_arguments)]
+fn send_blob<C: Client>(
+    door: &FrontDoor,
+    client: &mut C,
+    resp: &hop::ResponseHead,
+    token: u64,
+    digest: &[u8; 32],
+    range: std::ops::Range<u64>,
+    reuse: bool,
+    http10: bool,
+) -> io::Result<bool> {
+    let Some(handoff) = hop::claim(token) else {
+        reject(
+            client,
+            500,
+            "internal error: lost handoff on the private hop",
+        );
+        return Ok(false);
+    };
+    let exchange = handoff.exchange;
+    // Open the blob before anything is sent, so that one collected since the request server
+    // looked is still a clean 404 rather than a short body.
+    let opened = door.blobs.upgrade().map(|s| s.open(digest));
+    let Some(Ok(Some(body))) = opened else {
+        let r = client.write_all(&simple_response(404, "blob not found", false));
+        exchange.finish(404, 0, r.map(|_| 0).map_err(|e| (0, e.to_string())));
+        return Ok(false);
+    };
+    let mut out = Counting {
+        inner: client,
+        n: 0,
+    };
+    let sent = out
+        .inner
+        .write_all(&resp.for_client(!reuse, http10))
+        .and_then(|_| body.write_range(&mut out, range.start, range.end))
+        .and_then(|_| out.flush());
+    let n = out.n;
+    match sent {
+        Ok(()) => {
+            exchange.finish(resp.status, 0, Ok(n));
+            Ok(reuse)
+        }
+        Err(e) => {
+            // A chunk failed verification (already logged and counted) or the client went
+            // away: the client must see a short body and a closed connection.
+            log::event("debug", 3, &format!("blob body cut short: {e}"), &[]);
+            exchange.finish(resp.status, 0, Err((n, e.to_string())));
+            Ok(false)
+        }
+    }
+}
+
+/// Counts the bytes written through it.
+struct Counting<'a, W: Write> {
+    inner: &'a mut W,
+    n: u64,
+}
+
+impl<W: Write> Write for Counting<'_, W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+    fn write_all(&mut self, b: &[u8]) -> io::Result<()> {
+        // The inner `write_all` (one call per TLS record batch or socket write) rather than the
+        // default loop of `write` calls; on failure the bytes it took are not known, so none of
+        // that slice counts.
+        self.inner.write_all(b)?;
+        self.n += b.len() as u64;
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Reads a withheld part body from the client into the API's receiver (which writes it into
+/// the store chunk by chunk), then sends the receiver's answer and finishes the request's log
+/// line and metrics with the bytes received.
+fn receive<C: Client>(
+    door: &FrontDoor,
+    client: &mut C,
+    head: &RequestHead,
+    token: u64,
+    length: u64,
+    buf: &mut Vec<u8>,
+    expect: bool,
+) -> io::Result<bool> {
+    let Some(hop::Handoff {
+        exchange,
+        receiver: Some(receiver),
+    }) = hop::claim(token)
+    else {
+        reject(
+            client,
+            500,
+            "internal error: lost handoff on the private hop",
+        );
+        return Ok(false);
+    };
+    // The API accepted the head: now the client may send the body.
+    if expect {
+        client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        client.flush()?;
+    }
+    client
+        .tcp()
+        .set_read_timeout(Some(door.limits.io_timeout))?;
+    let mut body = ClientBody {
+        client: &mut *client,
+        buf,
+        left: length,
+    };
+    let response = catch_unwind(AssertUnwindSafe(|| receiver(&mut body))).unwrap_or_else(|_| {
+        log::error(&format!(
+            "part receiver panicked request_id={}",
+            exchange.request_id
+        ));
+        problem(500, "internal error while storing the part")
+    });
+    let rest = body.left;
+    let received = length - rest;
+    // A body not read to its end (a refusal mid-body, a client that stopped) leaves the
+    // connection unusable. An HTTP/1.0 client is not offered keep-alive here.
+    let close = rest > 0 || !head.keep_alive() || head.version == "HTTP/1.0";
+    let status = response.status;
+    let mut out = Vec::with_capacity(1024);
+    let n = hop::write_response(&mut out, response, &exchange.request_id, false, close, None)?;
+    let sent = client.write_all(&out).and_then(|_| client.flush());
+    exchange.finish(
+        status,
+        received,
+        sent.as_ref().map(|_| n).map_err(|e| (0, e.to_string())),
+    );
+    sent?;
+    if rest > 0 {
+        drain_briefly(client, rest);
+    }
+    Ok(!close)
+}
+
+/// The client's request body as a reader: first what was read with the head, then the socket,
+/// up to the declared length. A stall longer than the I/O timeout and an early end are errors.
+struct ClientBody<'a, C: Client> {
+    client: &'a mut C,
+    buf: &'a mut Vec<u8>,
+    left: u64,
+}
+
+impl<C: Client> Read for ClientBody<'_, C> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let want = (out.len() as u64).min(self.left) as usize;
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = if !self.buf.is_empty() {
+            let n = want.min(self.buf.len());
+            out[..n].copy_from_slice(&self.buf[..n]);
+            self.buf.drain(..n);
+            n
+        } else {
+            match self.client.read(&mut out[..want]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "client closed mid-body",
+                    ));
+                }
+                Ok(n) => n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "client stalled mid-body",
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        self.left -= n as u64;
+        Ok(n)
+    }
 }
 
 enum Spliced {

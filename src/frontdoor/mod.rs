@@ -1,11 +1,12 @@
 //! The front door: imgsrv owns its sockets. It accepts every client connection (TCP or a
 //! socket passed by systemd, plain or TLS), enforces limits, answers what it rejects itself
 //! (400, 408, 411, 413, 431, 503) and relays each well-formed request to tiny_http over a
-//! private Unix socket, one backend connection per request.
+//! private Unix socket, one backend connection per request. What crosses that hop, and which
+//! bodies the front door moves itself instead (blob downloads, part uploads), is `hop`'s.
 //!
 //! Why: tiny_http 0.12 aborts the process when a declared body is dropped unread, has no header
 //! size limit, no timeouts and unbounded threads, and stops accepting for good after one failed
-//! `accept()` (DESIGN.md). Here the declared body size is bounded before tiny_http sees it, the
+//! `accept()` (docs/design.md). Here the declared body size is bounded before tiny_http sees it, the
 //! number of connections (and so of threads and file descriptors) is bounded by configuration
 //! and by the process's file-descriptor limit, and accept errors are waited out.
 
@@ -49,12 +50,6 @@ impl Default for Limits {
     }
 }
 
-/// Where tiny_http listens: a Unix socket only this process (user) can reach.
-#[derive(Debug, Clone)]
-pub struct Backend {
-    pub path: PathBuf,
-}
-
 /// File descriptors one relayed connection can hold at once: the client socket, our end of
 /// the backend socket, and tiny_http's accepted socket plus its clone.
 const FDS_PER_CONNECTION: usize = 4;
@@ -72,17 +67,19 @@ pub struct Stats {
     pub accept_errors: AtomicUsize,
 }
 
-/// The response header by which the request server asks the front door to stream a blob range
-/// itself: `X-Imgsrv-Blob: <sha256 hex> <start> <end>`. Only the request server can set it (it
-/// is a response header), and it never reaches the client.
-pub const BLOB_BODY_HEADER: &str = "X-Imgsrv-Blob";
-
 pub struct FrontDoor {
-    /// Blob bodies are streamed from here; weak so that shutdown can close the database.
-    pub store: std::sync::Weak<crate::store::Store>,
+    /// Blob bodies are streamed from here (the store); weak so that shutdown can close the
+    /// database.
+    pub blobs: std::sync::Weak<dyn crate::hop::BlobSource>,
+    /// Which requests' bodies are withheld from the request server, by method and path: it
+    /// answers them with a `receive` directive and the front door moves the body (see `hop`).
+    /// The API decides which (`api::withholds_body`); the front door knows no route.
+    pub withholds_body: fn(&str, &str) -> bool,
     pub limits: Limits,
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    pub backend: Backend,
+    /// Where the request server (tiny_http) listens: a Unix socket only this process (user)
+    /// can reach.
+    pub socket: PathBuf,
     pub stats: Arc<Stats>,
     pub stop: Arc<AtomicBool>,
 }
@@ -183,7 +180,10 @@ impl FrontDoor {
             let me = self.clone();
             let spawned = std::thread::Builder::new()
                 .name("conn".into())
-                .stack_size(256 * 1024)
+                // Part bodies are written into the store on this thread (redb write
+                // transactions, sha256), which takes more stack than relaying; the stack is
+                // reserved address space, and only the pages touched count as memory.
+                .stack_size(1024 * 1024)
                 .spawn(move || {
                     conn::serve(&me, sock);
                     me.stats.active.fetch_sub(1, Ordering::SeqCst);

@@ -193,6 +193,26 @@ impl Store {
     }
 }
 
+/// The front door streams blob bodies through this, knowing the store only as a blob source.
+impl crate::hop::BlobSource for Store {
+    fn open(
+        &self,
+        digest: &[u8; 32],
+    ) -> std::result::Result<Option<Box<dyn crate::hop::BlobBody>>, String> {
+        match self.open_blob(digest) {
+            Ok(Some((_, reader))) => Ok(Some(Box::new(reader))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+impl crate::hop::BlobBody for BlobReader {
+    fn write_range(&self, out: &mut dyn Write, start: u64, end: u64) -> io::Result<()> {
+        BlobReader::write_range(self, out, start, end)
+    }
+}
+
 /// Classifies a read failure (so an I/O error asks for a reopen) and keeps its message.
 fn read_error(e: redb::StorageError) -> io::Error {
     io::Error::other(Error::from(e).detail)

@@ -17,6 +17,7 @@ use super::chunks::CHUNK_SIZE;
 use super::tables::META;
 use crate::error::{Error, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The name of the headroom file inside the data directory.
@@ -40,6 +41,22 @@ pub struct Admission<'a> {
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
         self.space.in_flight.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
+
+/// An [`Admission`] that owns its store, for a claim that outlives the request handler: a part
+/// body the front door receives after the handler has answered with a `receive` directive.
+pub struct OwnedAdmission {
+    store: Arc<Store>,
+    bytes: u64,
+}
+
+impl Drop for OwnedAdmission {
+    fn drop(&mut self) {
+        self.store
+            .space
+            .in_flight
+            .fetch_sub(self.bytes, Ordering::SeqCst);
     }
 }
 
@@ -163,6 +180,23 @@ impl Store {
     /// Admits a write of `bytes`, or refuses it with 507 before anything is read or stored.
     /// The claim lasts as long as the returned guard.
     pub fn admit(&self, bytes: u64) -> Result<Admission<'_>> {
+        self.claim(bytes)?;
+        Ok(Admission {
+            space: &self.space,
+            bytes,
+        })
+    }
+
+    /// [`Store::admit`] with a claim that holds the store itself.
+    pub fn admit_owned(self: &Arc<Self>, bytes: u64) -> Result<OwnedAdmission> {
+        self.claim(bytes)?;
+        Ok(OwnedAdmission {
+            store: self.clone(),
+            bytes,
+        })
+    }
+
+    fn claim(&self, bytes: u64) -> Result<()> {
         let usable = self.usable_bytes();
         if bytes > usable {
             let free = self.space.filesystem_free();
@@ -179,10 +213,7 @@ impl Store {
             )));
         }
         self.space.in_flight.fetch_add(bytes, Ordering::SeqCst);
-        Ok(Admission {
-            space: &self.space,
-            bytes,
-        })
+        Ok(())
     }
 
     /// Free bytes on the data directory's filesystem (exported as a metric).

@@ -18,9 +18,14 @@ fn main() -> ExitCode {
         println!("imgsrv {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
-    let Some(Command::Serve(args)) = cli.command else {
-        eprintln!("imgsrv: no command given; try `imgsrv serve` or `imgsrv --help`");
-        return ExitCode::from(2);
+    let args = match cli.command {
+        Some(Command::Serve(args)) => args,
+        Some(Command::Push(args)) => return client_exit(imgsrv::client::push::run(args)),
+        Some(Command::Mirror(args)) => return client_exit(imgsrv::client::mirror::run(args)),
+        None => {
+            eprintln!("imgsrv: no command given; try `imgsrv serve` or `imgsrv --help`");
+            return ExitCode::from(2);
+        }
     };
     let config = match Config::from_args(args) {
         Ok(c) => c,
@@ -34,6 +39,17 @@ fn main() -> ExitCode {
         Err(e) => {
             imgsrv::log::error(&e.message);
             ExitCode::from(e.exit_code)
+        }
+    }
+}
+
+/// A client command's result as its exit code (README, "Exit codes").
+fn client_exit(result: imgsrv::client::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgsrv: error: {e}");
+            ExitCode::from(e.kind.exit_code())
         }
     }
 }

@@ -19,6 +19,7 @@ mod incus;
 mod lifecycle;
 mod logs;
 mod metrics;
+mod mirror;
 mod push;
 mod retention;
 mod smoke;

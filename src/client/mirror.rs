@@ -13,6 +13,7 @@ use super::upload::{self, BlobRef, Outcome, Source};
 use super::{Api, ClientError, Kind, Result, human_bytes, normalize_arch, seg};
 use crate::cli::MirrorArgs;
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::io::Read;
 
 /// Part bytes from upstream by HTTP range.
@@ -131,13 +132,62 @@ pub fn run(args: MirrorArgs) -> Result<()> {
         }
     }
     let mut tally = Tally::default();
-    for img in &images {
+    let selected: Vec<&Value> = images
+        .iter()
+        .filter(|i| args.image.is_empty() || args.image.contains(&s(&i["name"])))
+        .collect();
+    // Every selected version, oldest first as upstream published them, across images: a later
+    // version with the bytes of an earlier one (of any image) merges into the earlier one's
+    // Simple Streams product, and publishing in the same order makes the mirror merge alike.
+    let mut all: Vec<(String, String, String, Value)> = Vec::new();
+    let mut upstream_versions: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for img in &selected {
         let name = s(&img["name"]);
-        if !args.image.is_empty() && !args.image.contains(&name) {
-            continue;
+        let mut fields = json!({});
+        for k in ["display_name", "description"] {
+            if let Some(v) = img[k].as_str() {
+                fields[k] = json!(v);
+            }
         }
-        if let Err(e) = mirror_image(&up, &down, img, &arches, &opts, &mut tally) {
-            // An unreachable or refusing downstream fails every image alike: stop at once.
+        let versions = list(
+            &up,
+            &format!("/v1/images/{}/versions", seg(&name)),
+            "versions",
+        )?;
+        for v in &versions {
+            all.push((
+                s(&v["published_at"]),
+                name.clone(),
+                s(&v["version"]),
+                fields.clone(),
+            ));
+        }
+        upstream_versions.insert(name, versions.iter().map(|v| s(&v["version"])).collect());
+    }
+    // Timestamps are compared as times: RFC 3339 text with and without fractional seconds
+    // does not sort as the times do.
+    let when = |t: &str| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+            .unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+    };
+    all.sort_by(|a, b| (when(&a.0), &a.1, &a.2).cmp(&(when(&b.0), &b.1, &b.2)));
+    for (_, name, version, fields) in &all {
+        match mirror_version(
+            &up, &down, name, version, fields, &arches, &opts, &mut tally,
+        ) {
+            Ok(_) => {}
+            // An unreachable or refusing downstream fails every version alike: stop at once.
+            Err(e) if matches!(e.kind, Kind::Auth | Kind::Unreachable | Kind::Full) => {
+                return Err(e);
+            }
+            Err(e) => {
+                eprintln!("imgsrv: error: {name} {version}: {e}");
+                tally.errors.push(e);
+            }
+        }
+    }
+    for (name, versions) in &upstream_versions {
+        if let Err(e) = sync_image(&up, &down, name, versions, &mut tally) {
             if matches!(e.kind, Kind::Auth | Kind::Unreachable | Kind::Full) {
                 return Err(e);
             }
@@ -169,43 +219,24 @@ pub fn run(args: MirrorArgs) -> Result<()> {
     }
 }
 
-fn mirror_image(
+/// Applies upstream's aliases and retirements to one image, once its versions are copied.
+fn sync_image(
     up: &Api,
     down: &Api,
-    img: &Value,
-    arches: &[String],
-    opts: &upload::Options,
+    name: &str,
+    versions: &[String],
     tally: &mut Tally,
 ) -> Result<()> {
-    let name = s(&img["name"]);
-    let ipath = format!("/v1/images/{}", seg(&name));
-    let mut fields = json!({});
-    for k in ["display_name", "description"] {
-        if let Some(v) = img[k].as_str() {
-            fields[k] = json!(v);
-        }
-    }
-    // Oldest first, as upstream published them: a later version with identical bytes then
-    // merges into the earlier one's Simple Streams product on both sides alike.
-    let mut versions = list(up, &format!("{ipath}/versions"), "versions")?;
-    versions.sort_by_key(|v| (s(&v["published_at"]), s(&v["version"])));
+    let ipath = format!("/v1/images/{}", seg(name));
     let mut mirrored: Vec<String> = Vec::new();
-    for v in &versions {
+    // Aliases: upstream's, where their target is published here (by this run or an earlier one,
+    // say with other --arch filters); aliases upstream no longer has go.
+    for v in list(down, &format!("{ipath}/versions"), "versions")? {
         let version = s(&v["version"]);
-        match mirror_version(up, down, &name, &version, &fields, arches, opts, tally) {
-            Ok(true) => mirrored.push(version),
-            Ok(false) => {}
-            Err(e) if matches!(e.kind, Kind::Auth | Kind::Unreachable | Kind::Full) => {
-                return Err(e);
-            }
-            Err(e) => {
-                eprintln!("imgsrv: error: {name} {version}: {e}");
-                tally.errors.push(e);
-            }
+        if !mirrored.contains(&version) {
+            mirrored.push(version);
         }
     }
-
-    // Aliases: upstream's, where their target is here; aliases upstream no longer has go.
     let up_aliases = list(up, &format!("{ipath}/aliases"), "aliases")?;
     let down_aliases = list(down, &format!("{ipath}/aliases"), "aliases")?;
     for a in &up_aliases {
@@ -245,7 +276,7 @@ fn mirror_image(
     let down_aliases = list(down, &format!("{ipath}/aliases"), "aliases")?;
     for v in &here {
         let version = s(&v["version"]);
-        if versions.iter().any(|u| u["version"] == version.as_str()) {
+        if versions.contains(&version) {
             continue;
         }
         let r = up.get(&format!("{ipath}/versions/{}", seg(&version)))?;

@@ -247,7 +247,7 @@ fn sync_image(
             );
             continue;
         }
-        match sync::set_alias(down, &name, &alias, &target) {
+        match sync::set_alias(down, name, &alias, &target) {
             Ok(Some(before)) => {
                 println!("alias {name}/{alias} -> {target} (was {before})");
                 tally.aliases += 1;

@@ -20,6 +20,7 @@ mod lifecycle;
 mod logs;
 mod metrics;
 mod mirror;
+mod nginx_cache;
 mod push;
 mod retention;
 mod smoke;

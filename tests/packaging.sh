@@ -76,6 +76,7 @@ if have systemd-analyze "apt-get install systemd"; then
   step "systemd-analyze security"
   score systemd/imgsrv.service 15
   score systemd/imgsrv-socket.service 10
+  score packaging/systemd/imgsrv-mirror.service 15
 
   # --- 3. verify ---------------------------------------------------------------------------------
   # verify needs ExecStart= to exist: point a copy of each service at the built binary. It also
@@ -200,6 +201,9 @@ expected="./etc/default/imgsrv
 ./lib/systemd/system/imgsrv.socket
 ./usr/bin/imgsrv
 ./usr/share/doc/imgsrv/README.md
+./usr/share/doc/imgsrv/examples/imgsrv-cache.conf
+./usr/share/doc/imgsrv/examples/imgsrv-mirror.service
+./usr/share/doc/imgsrv/examples/imgsrv-mirror.timer
 ./usr/share/doc/imgsrv/examples/tls.conf"
 files=$(echo "$listing" | awk '$1 !~ /^d/ { print $6 }' | sort)
 [ "$files" = "$expected" ] || fail "unexpected package contents:"$'\n'"$files"

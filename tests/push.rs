@@ -514,3 +514,101 @@ fn push_of_rootfs_squashfs_names_the_format() {
         );
     }
 }
+
+#[test]
+fn push_over_tls_trusts_ca_cert() {
+    if !require_tool("tar") || !require_tool("xz") || !require_tool("openssl") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (cert, key) = (work.path().join("cert.pem"), work.path().join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let s = Server::start_with(&["--tls-cert", &c, "--tls-key", &k]);
+    let w = {
+        // Tokens are made over plain HTTP by the helpers; this server speaks TLS only, so
+        // read the bootstrap token and make a writer with the client's own HTTP stack: curl.
+        let admin = s.bootstrap_token();
+        let curl = |args: &[&str]| -> Value {
+            let out = Command::new("curl")
+                .args([
+                    "-sS",
+                    "--cacert",
+                    &c,
+                    "-H",
+                    &format!("Authorization: Bearer {admin}"),
+                ])
+                .args(args)
+                .output()
+                .unwrap();
+            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        };
+        let base = format!("https://{}", s.addr);
+        let p = curl(&[
+            "-d",
+            r#"{"kind":"service","display_name":"t"}"#,
+            &format!("{base}/v1/auth/principals"),
+        ]);
+        let id = p["id"].as_str().unwrap().to_string();
+        curl(&[
+            "-X",
+            "PUT",
+            &format!("{base}/v1/auth/principals/{id}/roles/content-writer"),
+        ]);
+        let t = curl(&[
+            "-d",
+            r#"{"name":"t","expires_at":"2099-01-01T00:00:00Z"}"#,
+            &format!("{base}/v1/auth/principals/{id}/api-tokens"),
+        ]);
+        t["plaintext"].as_str().unwrap().to_string()
+    };
+    let state = work.path().join("state");
+    let dir = image_dir(work.path(), "img", &bytes(200_000, 5), "x86_64");
+    let d = dir.display().to_string();
+    let url = format!("https://{}", s.addr);
+    let o = run(client(
+        &state,
+        Some(&w),
+        &["push", "--server", &url, "img", "1.0", &d],
+    ));
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "an unknown certificate: {}",
+        show(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("certificate"),
+        "{}",
+        show(&o)
+    );
+    let o = run(client(
+        &state,
+        Some(&w),
+        &["push", "--server", &url, "img", "1.0", &d, "--ca-cert", &c],
+    ));
+    assert!(o.status.success(), "{}", show(&o));
+}

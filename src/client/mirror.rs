@@ -321,7 +321,11 @@ fn mirror_version(
     tally: &mut Tally,
 ) -> Result<bool> {
     let m = up
-        .get(&format!("/v1/images/{}/refs/{}", seg(image), seg(version)))?
+        .get(&format!(
+            "/v1/images/{}/versions/{}",
+            seg(image),
+            seg(version)
+        ))?
         .expect(&format!("reading upstream {image} {version}"), &[200])?;
     let want: Vec<WantArtifact> = m["artifacts"]
         .as_array()

@@ -152,8 +152,14 @@ pub struct Api {
     token: Option<String>,
 }
 
-/// TLS roots for every client: the system's, plus `--ca-cert` (a self-signed server's
-/// certificate or a private CA).
+/// TLS trust for every client: the system's roots, plus `--ca-cert` (a private CA, or a
+/// self-signed server's own certificate).
+///
+/// A self-signed certificate made the usual way (`openssl req -x509`) is marked as a CA, and
+/// WebPKI refuses a CA certificate as a server's own (`CaUsedAsEndEntity`). So a server whose
+/// certificate is byte-for-byte one of the `--ca-cert` certificates is accepted as pinned, the
+/// way Incus pins `servercerts/`: the handshake signature is still checked against that
+/// certificate's key, so only its key holder passes. Any other certificate must chain to a root.
 pub fn tls_config(ca_cert: Option<&str>) -> Result<Arc<rustls::ClientConfig>> {
     use rustls::pki_types::CertificateDer;
     use rustls::pki_types::pem::PemObject;
@@ -162,6 +168,7 @@ pub fn tls_config(ca_cert: Option<&str>) -> Result<Arc<rustls::ClientConfig>> {
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
+    let mut pinned = Vec::new();
     if let Some(path) = ca_cert {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
             .map_err(|e| ClientError::usage(format!("cannot read --ca-cert {path}: {e}")))?
@@ -173,20 +180,99 @@ pub fn tls_config(ca_cert: Option<&str>) -> Result<Arc<rustls::ClientConfig>> {
             )));
         }
         for c in certs {
-            roots.add(c).map_err(|e| {
-                ClientError::usage(format!(
-                    "--ca-cert {path} holds an unusable certificate: {e}"
-                ))
-            })?;
+            // A certificate WebPKI cannot use as an anchor may still be pinned.
+            let _ = roots.add(c.clone());
+            pinned.push(c);
         }
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| ClientError::failed(format!("TLS configuration: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
+        .map_err(|e| ClientError::failed(format!("TLS configuration: {e}")))?;
+    if roots.is_empty() && pinned.is_empty() {
+        return Err(ClientError::usage(
+            "no TLS roots: the system has no CA certificates; pass --ca-cert FILE",
+        ));
+    }
+    let webpki = if roots.is_empty() {
+        None
+    } else {
+        Some(
+            rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider.clone(),
+            )
+            .build()
+            .map_err(|e| ClientError::failed(format!("TLS configuration: {e}")))?,
+        )
+    };
+    let verifier = PinnedOrRoots {
+        pinned,
+        webpki,
+        algorithms: provider.signature_verification_algorithms,
+    };
+    Ok(Arc::new(
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_no_client_auth(),
+    ))
+}
+
+#[derive(Debug)]
+struct PinnedOrRoots {
+    pinned: Vec<rustls::pki_types::CertificateDer<'static>>,
+    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedOrRoots {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if self
+            .pinned
+            .iter()
+            .any(|p| p.as_ref() == end_entity.as_ref())
+        {
+            return Ok(rustls::client::danger::ServerCertVerified::assertion());
+        }
+        match &self.webpki {
+            Some(w) => {
+                w.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+            }
+            None => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
 }
 
 impl Api {

@@ -249,6 +249,7 @@ fn publish(api: &Api, vpath: &str, image: &str, version: &str) -> Result<()> {
     let id = job["id"].as_str().unwrap_or_default().to_string();
     let deadline = Instant::now() + Duration::from_secs(3600);
     let mut pause = Duration::from_millis(50);
+    let mut polls = 0;
     loop {
         let j = api
             .get(&format!("/v1/publish-jobs/{}", seg(&id)))?
@@ -268,8 +269,13 @@ fn publish(api: &Api, vpath: &str, image: &str, version: &str) -> Result<()> {
                 "publish job {id} did not finish within an hour"
             )));
         }
+        // A job usually finishes within a few hundred milliseconds: poll briskly at first,
+        // then back off for the long ones (a large incus.tar.xz and disk are hashed).
         std::thread::sleep(pause);
-        pause = (pause * 2).min(Duration::from_secs(1));
+        polls += 1;
+        if polls > 40 {
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 }
 

@@ -612,3 +612,30 @@ fn push_over_tls_trusts_ca_cert() {
     ));
     assert!(o.status.success(), "{}", show(&o));
 }
+
+#[test]
+fn push_to_a_full_server_exits_5() {
+    if !require_tool("tar") || !require_tool("xz") {
+        return;
+    }
+    // A reserve larger than any disk: every write is refused with 507 (a part before its body
+    // is read). The token is made before the restart that sets it.
+    let mut s = Server::start();
+    let w = s.writer_token();
+    s.terminate();
+    s.extra = vec!["--disk-reserve".into(), "1000TiB".into()];
+    s.start_again();
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let dir = image_dir(work.path(), "img", &bytes(50_000, 3), "x86_64");
+    let d = dir.display().to_string();
+    let url = format!("http://{}", s.addr);
+    let o = run(client(
+        &state,
+        Some(&w),
+        &["push", "--server", &url, "img", "1.0", &d],
+    ));
+    assert_eq!(o.status.code(), Some(5), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("507") && err.contains("disk space"), "{err}");
+}

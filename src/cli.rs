@@ -121,11 +121,11 @@ pub struct PushArgs {
     /// PEM certificate(s) to trust besides the system roots, e.g. a self-signed server's
     #[argh(option)]
     pub ca_cert: Option<String>,
-    /// upload part size in MiB (default 64)
-    #[argh(option, default = "64")]
+    /// upload part size in MiB (default 128)
+    #[argh(option, default = "128")]
     pub part_size_mib: u64,
-    /// parts sent at once (default 3)
-    #[argh(option, default = "3")]
+    /// parts sent at once (default 4)
+    #[argh(option, default = "4")]
     pub parallel: usize,
     /// where resumable upload state is kept (default $XDG_STATE_HOME/imgsrv/uploads)
     #[argh(option)]
@@ -156,11 +156,11 @@ pub struct MirrorArgs {
     /// PEM certificate(s) to trust besides the system roots, for either server
     #[argh(option)]
     pub ca_cert: Option<String>,
-    /// upload part size in MiB (default 64)
-    #[argh(option, default = "64")]
+    /// upload part size in MiB (default 128)
+    #[argh(option, default = "128")]
     pub part_size_mib: u64,
-    /// parts copied at once (default 3)
-    #[argh(option, default = "3")]
+    /// parts copied at once (default 4)
+    #[argh(option, default = "4")]
     pub parallel: usize,
     /// where resumable upload state is kept (default $XDG_STATE_HOME/imgsrv/uploads)
     #[argh(option)]

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod daemon;

@@ -26,6 +26,8 @@ fn main() -> ExitCode {
         Some(Command::Backup(a)) => return command("backup", imgsrv::ops::backup(a)),
         Some(Command::Check(a)) => return command("check", imgsrv::ops::check(a)),
         Some(Command::Compact(a)) => return command("compact", imgsrv::ops::compact(a)),
+        Some(Command::Push(args)) => return client_exit(imgsrv::client::push::run(args)),
+        Some(Command::Mirror(args)) => return client_exit(imgsrv::client::mirror::run(args)),
         None => {
             eprintln!("imgsrv: no command given; try `imgsrv serve` or `imgsrv --help`");
             return ExitCode::from(2);
@@ -88,4 +90,15 @@ fn parse() -> Result<Cli, ExitCode> {
             ExitCode::from(2)
         }
     })
+}
+
+/// A client command's result as its exit code (README, "Exit codes").
+fn client_exit(result: imgsrv::client::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("imgsrv: error: {e}");
+            ExitCode::from(e.kind.exit_code())
+        }
+    }
 }

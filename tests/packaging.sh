@@ -76,6 +76,7 @@ if have systemd-analyze "apt-get install systemd"; then
   step "systemd-analyze security"
   score systemd/imgsrv.service 15
   score systemd/imgsrv-socket.service 10
+  score packaging/systemd/imgsrv-mirror.service 15
 
   # --- 3. verify ---------------------------------------------------------------------------------
   # verify needs ExecStart= to exist: point a copy of each service at the built binary. It also
@@ -201,6 +202,9 @@ expected="./etc/default/imgsrv
 ./usr/bin/imgsrv
 ./usr/share/doc/imgsrv/README.md
 ./usr/share/doc/imgsrv/copyright
+./usr/share/doc/imgsrv/examples/imgsrv-cache.conf
+./usr/share/doc/imgsrv/examples/imgsrv-mirror.service
+./usr/share/doc/imgsrv/examples/imgsrv-mirror.timer
 ./usr/share/doc/imgsrv/examples/tls.conf"
 files=$(echo "$listing" | awk '$1 !~ /^d/ { print $6 }' | LC_ALL=C sort)
 [ "$files" = "$expected" ] || fail "unexpected package contents:"$'\n'"$files"

@@ -42,6 +42,33 @@ fn readme_walkthrough_script() {
         "{stdout}\n--- stderr\n{stderr}"
     );
 
+    // Run again: the blobs are on the server, so nothing is uploaded; creating the image again
+    // is a conflict, and the script stops there with the server's own message.
+    let parts_route = "route=/v1/uploads/{upload_id}/parts/{part_number} ";
+    let parts_before = s.log_text().matches(parts_route).count();
+    assert_eq!(parts_before, 2, "{}", s.log_text());
+    let again = Command::new("bash")
+        .arg(script)
+        .arg(&disk)
+        .arg(&meta)
+        .env("IMGSRV", format!("http://{}", s.addr))
+        .env("TOKEN", &token)
+        .current_dir(dir.path())
+        .output()
+        .expect("running bash");
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("imgsrv: {") && stderr.contains("catalog conflict"),
+        "the server's problem document must be shown: {stderr}"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        s.log_text().matches(parts_route).count(),
+        parts_before,
+        "a blob the server has was sent again"
+    );
+
     // What the script published is what the API shows.
     let m = s.get("/v1/images/debian-bookworm/refs/latest").json();
     assert_eq!(m["version"]["version"], "12.5.0", "{m}");
@@ -61,7 +88,7 @@ fn readme_quotes_the_walkthrough_script() {
     let lines: Vec<&str> = script.lines().collect();
     let start = lines
         .iter()
-        .position(|l| l.starts_with("# upload FILE"))
+        .position(|l| l.starts_with("# api CURL-ARGS"))
         .unwrap();
     let end = lines
         .iter()

@@ -16,23 +16,33 @@ META_FILE=${2:?usage: walkthrough.sh DISK.qcow2 INCUS.tar.xz}
 IMAGE=${IMAGE:-debian-bookworm}
 VERSION=${VERSION:-12.5.0}
 AUTH="Authorization: Bearer $TOKEN"
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+
+# api CURL-ARGS...: one API call; an HTTP error prints the server's problem document (status
+# and detail) and fails, which stops the script (set -e).
+api() {
+  local out
+  out=$(curl -sS --fail-with-body "$@") || { echo "imgsrv: $out" >&2; return 1; }
+  printf '%s\n' "$out"
+}
 
 # upload FILE: begin a session, send the file as part 1, complete; prints the blob digest.
+# A blob the server already has is not sent again (begin answers state "ready").
 # Large files may be sent as up to 10000 parts of at most 5 GiB each, in any order.
 upload() {
-  local file=$1 digest size id etag
+  local file=$1 digest size session id etag
   digest="sha256:$(sha256sum "$file" | cut -d' ' -f1)"
   size=$(stat -c %s "$file")
-  id=$(curl -fsS -H "$AUTH" \
-         -d "{\"expected_digest\":\"$digest\",\"expected_size_bytes\":$size}" \
-         "$IMGSRV/v1/uploads" | jq -r .id)
-  etag=$(curl -fsS -H "$AUTH" -X PUT --data-binary @"$file" \
-           "$IMGSRV/v1/uploads/$id/parts/1" | jq .etag)
-  curl -fsS -H "$AUTH" \
-    -d "{\"parts\":[{\"number\":1,\"etag\":$etag,\"size_bytes\":$size}]}" \
-    "$IMGSRV/v1/uploads/$id/complete" | jq -e '.state == "ready"' >/dev/null
+  session=$(api -H "$AUTH" \
+              -d "{\"expected_digest\":\"$digest\",\"expected_size_bytes\":$size}" \
+              "$IMGSRV/v1/uploads")
+  if [ "$(jq -r .state <<<"$session")" != ready ]; then
+    id=$(jq -r .id <<<"$session")
+    etag=$(api -H "$AUTH" -X PUT --data-binary @"$file" \
+             "$IMGSRV/v1/uploads/$id/parts/1" | jq .etag)
+    api -H "$AUTH" \
+      -d "{\"parts\":[{\"number\":1,\"etag\":$etag,\"size_bytes\":$size}]}" \
+      "$IMGSRV/v1/uploads/$id/complete" | jq -e '.state == "ready"' >/dev/null
+  fi
   echo "$digest"
 }
 
@@ -45,14 +55,14 @@ echo "disk $DISK"
 echo "metadata $META"
 
 echo "-- create the image and a draft version"
-curl -fsS -H "$AUTH" -d "{\"name\":\"$IMAGE\",\"display_name\":\"Debian 12\"}" \
+api -H "$AUTH" -d "{\"name\":\"$IMAGE\",\"display_name\":\"Debian 12\"}" \
   "$IMGSRV/v1/images" | jq -c '{id, name}'
-curl -fsS -H "$AUTH" -d "{\"version\":\"$VERSION\"}" \
+api -H "$AUTH" -d "{\"version\":\"$VERSION\"}" \
   "$IMGSRV/v1/images/$IMAGE/versions" | jq -c '{id, version, state}'
 V=$IMGSRV/v1/images/$IMAGE/versions/$VERSION
 
 echo "-- add the disk as a qcow2 artifact"
-A=$(curl -fsS -H "$AUTH" \
+A=$(api -H "$AUTH" \
       -d "{\"operating_system\":\"debian\",\"architecture\":\"x86_64\",\"format\":\"qcow2\",
            \"primary_blob_digest\":\"$DISK\",\"primary_blob_size_bytes\":$(stat -c %s "$DISK_FILE"),
            \"primary_media_type\":\"application/x-qemu-disk\"}" \
@@ -60,37 +70,39 @@ A=$(curl -fsS -H "$AUTH" \
 echo "artifact $A"
 
 echo "-- attach incus.tar.xz to it"
-T=$(curl -fsS -H "$AUTH" \
+T=$(api -H "$AUTH" \
       -d "{\"name\":\"incus.tar.xz\",\"media_type\":\"application/x-xz\",
            \"blob_digest\":\"$META\",\"blob_size_bytes\":$(stat -c %s "$META_FILE")}" \
       "$V/artifacts/$A/attachments" | jq -r .id)
 echo "attachment $T"
 
 echo "-- publish, and wait for the publish job"
-JOB=$(curl -fsS -H "$AUTH" -X POST "$V/publish" | jq -r .id)
+JOB=$(api -H "$AUTH" -X POST "$V/publish" | jq -r .id)
 for _ in $(seq 1 120); do
-  STATE=$(curl -fsS -H "$AUTH" "$IMGSRV/v1/publish-jobs/$JOB" | jq -r .state)
+  STATE=$(api -H "$AUTH" "$IMGSRV/v1/publish-jobs/$JOB" | jq -r .state)
   echo "job $JOB: $STATE"
   case $STATE in
     succeeded) break ;;
-    failed) curl -fsS -H "$AUTH" "$IMGSRV/v1/publish-jobs/$JOB" | jq . >&2; exit 1 ;;
+    failed) api -H "$AUTH" "$IMGSRV/v1/publish-jobs/$JOB" | jq . >&2; exit 1 ;;
   esac
   sleep 1
 done
 [ "$STATE" = succeeded ]
 
 echo "-- point the alias latest at it"
-curl -fsS -H "$AUTH" -X PUT -d "{\"version\":\"$VERSION\"}" \
+api -H "$AUTH" -X PUT -d "{\"version\":\"$VERSION\"}" \
   "$IMGSRV/v1/images/$IMAGE/aliases/latest" | jq -c '{alias, version}'
 
 echo "== Consume (anonymous) =="
+WORK=$(mktemp -d)   # scratch directory for the downloads
+trap 'rm -rf "$WORK"' EXIT
 
 echo "-- list images and published versions"
-curl -fsS "$IMGSRV/v1/images" | jq -e --arg i "$IMAGE" 'any(.images[]; .name == $i)' >/dev/null
-curl -fsS "$IMGSRV/v1/images/$IMAGE/versions" | jq -r '.versions[].version'
+api "$IMGSRV/v1/images" | jq -e --arg i "$IMAGE" 'any(.images[]; .name == $i)' >/dev/null
+api "$IMGSRV/v1/images/$IMAGE/versions" | jq -r '.versions[].version'
 
 echo "-- read the manifest; its artifacts carry a stable artifact_id"
-curl -fsS "$V" > "$WORK/manifest.json"
+api "$V" > "$WORK/manifest.json"
 jq '.artifacts[] | {artifact_id: .artifact.id, format: .artifact.format,
                     digest: .artifact.primary_blob_digest,
                     attachments: [.attachments[].name]}' "$WORK/manifest.json"
@@ -100,31 +112,31 @@ ATTACHMENT_ID=$(jq -r '.artifacts[0].attachments[0].id' "$WORK/manifest.json")
 [ "$(jq -r '.artifacts[0].artifact.primary_blob_digest' "$WORK/manifest.json")" = "$DISK" ]
 
 echo "-- download the disk by artifact id, and by its file-name route"
-curl -fsS -o "$WORK/by-id.qcow2" "$V/artifacts/$ARTIFACT_ID/download"
-curl -fsS -o "$WORK/disk.qcow2" "$V/artifacts/$ARTIFACT_ID/download/disk.qcow2"
+curl -sS --fail-with-body -o "$WORK/by-id.qcow2" "$V/artifacts/$ARTIFACT_ID/download"
+curl -sS --fail-with-body -o "$WORK/disk.qcow2" "$V/artifacts/$ARTIFACT_ID/download/disk.qcow2"
 sha256sum "$WORK/by-id.qcow2"
 [ "sha256:$(sha256sum "$WORK/by-id.qcow2" | cut -d' ' -f1)" = "$DISK" ]
 cmp "$DISK_FILE" "$WORK/by-id.qcow2"
 cmp "$DISK_FILE" "$WORK/disk.qcow2"
 
 echo "-- download incus.tar.xz by its file-name route"
-curl -fsS -o "$WORK/incus.tar.xz" \
+curl -sS --fail-with-body -o "$WORK/incus.tar.xz" \
   "$V/artifacts/$ARTIFACT_ID/attachments/$ATTACHMENT_ID/download/incus.tar.xz"
 cmp "$META_FILE" "$WORK/incus.tar.xz"
 
 echo "-- resolve the alias latest, and download through refs/latest"
-LATEST=$(curl -fsS "$IMGSRV/v1/images/$IMAGE/aliases/latest" | jq -r .version)
+LATEST=$(api "$IMGSRV/v1/images/$IMAGE/aliases/latest" | jq -r .version)
 echo "latest -> $LATEST"
 [ "$LATEST" = "$VERSION" ]
-curl -fsS "$IMGSRV/v1/images/$IMAGE/refs/latest" > "$WORK/latest.json"
+api "$IMGSRV/v1/images/$IMAGE/refs/latest" > "$WORK/latest.json"
 REF_VERSION=$(jq -r '.version.version' "$WORK/latest.json")
 REF_ARTIFACT=$(jq -r '.artifacts[0].artifact.id' "$WORK/latest.json")
-curl -fsS -o "$WORK/latest.qcow2" \
+curl -sS --fail-with-body -o "$WORK/latest.qcow2" \
   "$IMGSRV/v1/images/$IMAGE/versions/$REF_VERSION/artifacts/$REF_ARTIFACT/download/disk.qcow2"
 cmp "$DISK_FILE" "$WORK/latest.qcow2"
 
 echo "-- fetch the API contract"
-curl -fsS -o "$WORK/v1.yaml" "$IMGSRV/openapi/v1.yaml"
+curl -sS --fail-with-body -o "$WORK/v1.yaml" "$IMGSRV/openapi/v1.yaml"
 grep -q '^openapi: ' "$WORK/v1.yaml"
 
 echo "walk-through OK: every download is byte-identical"

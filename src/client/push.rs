@@ -1,0 +1,304 @@
+//! `imgsrv push`: distrobuilder's output files to a published version, in one command that is
+//! safe to run again (it resumes an interrupted upload and is a no-op once published).
+
+use super::sync::{self, Found, WantArtifact};
+use super::upload::{self, BlobRef, Outcome, Source};
+use super::{Api, ClientError, Result, human_bytes, incus_meta, normalize_arch};
+use crate::cli::PushArgs;
+use sha2::{Digest, Sha256};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// A file push knows by its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// An artifact: format and media type.
+    Artifact(&'static str, &'static str),
+    /// `incus.tar.xz`, attached to every artifact.
+    IncusMeta,
+}
+
+fn role_of(name: &str) -> Option<Role> {
+    match name {
+        "disk.qcow2" => Some(Role::Artifact("qcow2", "application/x-qemu-disk")),
+        "rootfs.squashfs" => Some(Role::Artifact("squashfs", "application/vnd.squashfs")),
+        "incus.tar.xz" => Some(Role::IncusMeta),
+        _ => None,
+    }
+}
+
+/// The files named on the command line (a directory stands for the files in it).
+fn collect(paths: &[String]) -> Result<Vec<(PathBuf, Role)>> {
+    if paths.is_empty() {
+        return Err(ClientError::usage(
+            "no files given: name disk.qcow2, rootfs.squashfs and incus.tar.xz, or a directory holding them",
+        ));
+    }
+    let mut files = Vec::new();
+    for p in paths {
+        let path = PathBuf::from(p);
+        let meta = std::fs::metadata(&path)
+            .map_err(|e| ClientError::usage(format!("cannot read {p}: {e}")))?;
+        if meta.is_dir() {
+            if paths.len() != 1 {
+                return Err(ClientError::usage(format!(
+                    "{p} is a directory: give either one directory or files"
+                )));
+            }
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&path)
+                .map_err(|e| ClientError::usage(format!("cannot list {p}: {e}")))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|e| e.is_file())
+                .collect();
+            entries.sort();
+            files.extend(entries);
+        } else {
+            files.push(path);
+        }
+    }
+    let mut out: Vec<(PathBuf, Role)> = Vec::new();
+    for f in files {
+        let name = f
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_string();
+        let role = role_of(&name).ok_or_else(|| {
+            ClientError::usage(format!(
+                "{}: not a file push knows; expected disk.qcow2, rootfs.squashfs or incus.tar.xz (named as distrobuilder writes them)",
+                f.display()
+            ))
+        })?;
+        if out.iter().any(|(_, r)| *r == role) {
+            return Err(ClientError::usage(format!("{name} is given twice")));
+        }
+        out.push((f, role));
+    }
+    if !out.iter().any(|(_, r)| matches!(r, Role::Artifact(..))) {
+        return Err(ClientError::usage(
+            "no disk.qcow2 or rootfs.squashfs given: incus.tar.xz alone is not an image",
+        ));
+    }
+    Ok(out)
+}
+
+/// sha256 and size of a file, read in 1 MiB blocks (never the whole file in memory).
+fn hash_file(path: &Path) -> Result<BlobRef> {
+    let mut f = std::fs::File::open(path)
+        .map_err(|e| ClientError::usage(format!("cannot open {}: {e}", path.display())))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .map_err(|e| ClientError::failed(format!("reading {}: {e}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(BlobRef {
+        digest: format!("sha256:{hex}"),
+        size,
+    })
+}
+
+/// Part bytes straight from the file.
+struct FileSource {
+    path: PathBuf,
+}
+
+impl Source for FileSource {
+    fn open(&self, offset: u64, _len: u64) -> Result<Box<dyn Read + Send + '_>> {
+        let mut f = std::fs::File::open(&self.path).map_err(|e| {
+            ClientError::failed(format!("cannot open {}: {e}", self.path.display()))
+        })?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| ClientError::failed(format!("seeking {}: {e}", self.path.display())))?;
+        // A large buffer keeps the read calls few; the socket write is the slow side.
+        Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
+    }
+    fn check_parts(&self) -> bool {
+        // The whole blob is checked against the digest we computed at complete.
+        false
+    }
+}
+
+pub fn run(args: PushArgs) -> Result<()> {
+    let files = collect(&args.paths)?;
+    if args.part_size_mib == 0 || args.part_size_mib > 5 * 1024 {
+        return Err(ClientError::usage(
+            "--part-size-mib must be between 1 and 5120",
+        ));
+    }
+    if args.parallel == 0 || args.parallel > 16 {
+        return Err(ClientError::usage("--parallel must be between 1 and 16"));
+    }
+    let token = super::read_token(args.token_file.as_deref())?;
+    let meta_file = files
+        .iter()
+        .find(|(_, r)| *r == Role::IncusMeta)
+        .map(|(p, _)| p.clone());
+    let meta = match &meta_file {
+        Some(p) => incus_meta::read(p)?,
+        None => incus_meta::Meta::default(),
+    };
+    let os = args.os.clone().or(meta.os).ok_or_else(|| {
+        ClientError::usage("no --os given and no os in incus.tar.xz's metadata.yaml")
+    })?;
+    let arch = args
+        .arch
+        .clone()
+        .or(meta.architecture)
+        .map(|a| normalize_arch(&a))
+        .ok_or_else(|| {
+            ClientError::usage(
+                "no --arch given and no architecture in incus.tar.xz's metadata.yaml",
+            )
+        })?;
+    let tls = super::tls_config(args.ca_cert.as_deref())?;
+    let api = Api::new(&args.server, Some(token), tls, args.parallel)?;
+    let opts = upload::Options {
+        part_size: args.part_size_mib * 1024 * 1024,
+        parallel: args.parallel,
+        state_dir: super::state_dir(args.state_dir.as_deref())?,
+    };
+
+    // Hash everything first: the digests name the blobs, and comparing them with what the
+    // server holds decides whether anything needs sending at all.
+    let mut hashed: Vec<(PathBuf, Role, BlobRef)> = Vec::new();
+    for (path, role) in files {
+        let blob = hash_file(&path)?;
+        eprintln!(
+            "{}: {} ({})",
+            path.display(),
+            blob.digest,
+            human_bytes(blob.size)
+        );
+        hashed.push((path, role, blob));
+    }
+    let attachments: Vec<(String, String, BlobRef)> = hashed
+        .iter()
+        .filter(|(_, r, _)| *r == Role::IncusMeta)
+        .map(|(_, _, b)| {
+            (
+                "incus.tar.xz".to_string(),
+                "application/x-xz".to_string(),
+                b.clone(),
+            )
+        })
+        .collect();
+    let want: Vec<WantArtifact> = hashed
+        .iter()
+        .filter_map(|(_, r, b)| match r {
+            Role::Artifact(format, media) => Some(WantArtifact {
+                variant: args.variant.clone().unwrap_or_default(),
+                os: os.clone(),
+                arch: arch.clone(),
+                format: format.to_string(),
+                media_type: media.to_string(),
+                blob: b.clone(),
+                attachments: attachments.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+
+    let found = sync::inspect(&api, &args.image, &args.version, &want)?;
+    let already = matches!(found, Found::Same { published: true });
+    let mut sent = 0u64;
+    if !matches!(found, Found::Same { .. }) {
+        for (path, role, blob) in &hashed {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("file")
+                .to_string();
+            let media = match role {
+                Role::Artifact(_, m) => *m,
+                Role::IncusMeta => "application/x-xz",
+            };
+            let source = FileSource { path: path.clone() };
+            match upload::ensure_blob(&api, blob, &name, Some(media), &source, &opts)? {
+                Outcome::Present => eprintln!("{name}: already on the server, not sent"),
+                Outcome::Uploaded { bytes } => sent += bytes,
+            }
+        }
+    }
+    sync::build_and_publish(
+        &api,
+        &args.image,
+        &serde_json::json!({}),
+        &args.version,
+        &want,
+        found,
+    )?;
+    let mut moved = Vec::new();
+    for alias in &args.alias {
+        if let Some(before) = sync::set_alias(&api, &args.image, alias, &args.version)? {
+            moved.push(format!("{alias} (was {before})"));
+        }
+    }
+
+    if already {
+        println!(
+            "{} {} was already published with these files; nothing uploaded",
+            args.image, args.version
+        );
+    } else {
+        println!(
+            "published {} {} ({} uploaded)",
+            args.image,
+            args.version,
+            human_bytes(sent)
+        );
+    }
+    for a in &want {
+        println!("  artifact {}", a.describe());
+        for (name, _, b) in &a.attachments {
+            println!("    attachment {name} {} ({} bytes)", b.digest, b.size);
+        }
+    }
+    for alias in &args.alias {
+        println!("  alias {}/{alias} -> {}", args.image, args.version);
+    }
+    if !moved.is_empty() {
+        println!("  moved: {}", moved.join(", "));
+    }
+    println!(
+        "  manifest {}",
+        api.url(&format!(
+            "/v1/images/{}/versions/{}",
+            super::seg(&args.image),
+            super::seg(&args.version)
+        ))
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_roles() {
+        assert_eq!(
+            role_of("disk.qcow2"),
+            Some(Role::Artifact("qcow2", "application/x-qemu-disk"))
+        );
+        assert_eq!(
+            role_of("rootfs.squashfs"),
+            Some(Role::Artifact("squashfs", "application/vnd.squashfs"))
+        );
+        assert_eq!(role_of("incus.tar.xz"), Some(Role::IncusMeta));
+        assert_eq!(role_of("disk.raw"), None);
+        assert_eq!(role_of("lxd.tar.xz"), None);
+    }
+}

@@ -1,0 +1,475 @@
+//! The shipped nginx cache configuration (`packaging/nginx/imgsrv-cache.conf`) in front of a
+//! real imgsrv, over TLS 1.3: downloads come from the cache (imgsrv sees each once), byte ranges
+//! through it are right, catalog and Simple Streams documents are revalidated with imgsrv so an
+//! alias move shows at once, and the real Incus client lists and exports through it.
+//!
+//! The test's nginx configuration is the shipped file with its ports and paths substituted, so
+//! what is shipped is what is tested.
+
+use crate::push::*;
+use crate::util::*;
+use serde_json::{Value, json};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SHIPPED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/packaging/nginx/imgsrv-cache.conf"
+);
+
+struct Nginx {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    addr: String,
+}
+
+fn id(flag: &str) -> String {
+    let out = Command::new("id").arg(flag).output().expect("id");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Replaces `from` (which must occur exactly once) with `to`.
+fn subst(conf: &str, from: &str, to: &str) -> String {
+    assert_eq!(
+        conf.matches(from).count(),
+        1,
+        "the shipped imgsrv-cache.conf no longer has exactly one {from:?}"
+    );
+    conf.replace(from, to)
+}
+
+impl Nginx {
+    fn start(upstream: &str, cert: &Path, key: &Path) -> Nginx {
+        let user = if id("-u") == "0" {
+            format!("user {} {};", id("-un"), id("-gn"))
+        } else {
+            String::new()
+        };
+        let shipped = std::fs::read_to_string(SHIPPED).unwrap();
+        for _ in 0..10 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let d = dir.path().display().to_string();
+            let port = free_port();
+            let mut conf = subst(&shipped, "/var/cache/nginx/imgsrv", &format!("{d}/cache"));
+            conf = subst(
+                &conf,
+                "server 127.0.0.1:8080;",
+                &format!("server {upstream};"),
+            );
+            conf = subst(
+                &conf,
+                "listen 443 ssl;",
+                &format!("listen 127.0.0.1:{port} ssl;"),
+            );
+            conf = subst(&conf, "listen [::]:443 ssl;", "");
+            conf = subst(
+                &conf,
+                "/etc/nginx/tls/imgsrv.crt",
+                &cert.display().to_string(),
+            );
+            conf = subst(
+                &conf,
+                "/etc/nginx/tls/imgsrv.key",
+                &key.display().to_string(),
+            );
+            std::fs::write(dir.path().join("imgsrv-cache.conf"), conf).unwrap();
+            let main = format!(
+                "daemon off;
+{user}
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    log_format cache '$request_uri $status $upstream_status $upstream_cache_status';
+    access_log {d}/access.log cache;
+    client_body_temp_path {d}/client_body;
+    proxy_temp_path {d}/proxy;
+    fastcgi_temp_path {d}/fastcgi;
+    uwsgi_temp_path {d}/uwsgi;
+    scgi_temp_path {d}/scgi;
+    include {d}/imgsrv-cache.conf;
+}}
+"
+            );
+            std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
+            let child = Command::new("nginx")
+                .arg("-p")
+                .arg(dir.path())
+                .arg("-c")
+                .arg(dir.path().join("nginx.conf"))
+                .arg("-e")
+                .arg(dir.path().join("error.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawning nginx");
+            let mut n = Nginx {
+                dir,
+                child: Some(child),
+                addr: format!("127.0.0.1:{port}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Some(Ok(Some(_))) = n.child.as_mut().map(Child::try_wait) {
+                    break;
+                }
+                if std::net::TcpStream::connect(&n.addr).is_ok() {
+                    return n;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let log = n.log("error.log");
+            assert!(log.contains("in use"), "nginx did not start:\n{log}");
+        }
+        panic!("nginx found no free port");
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    (cert, key)
+}
+
+/// A GET through nginx with curl over TLS 1.3 (pinning the certificate): status, headers
+/// (lowercase names) and body.
+fn get(
+    n: &Nginx,
+    cert: &Path,
+    path: &str,
+    headers: &[&str],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let body = n.dir.path().join("curl.body");
+    // curl writes no file for an empty body: never read the previous one.
+    let _ = std::fs::remove_file(&body);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--tlsv1.3", "--cacert"])
+        .arg(cert)
+        .args(["-D", "-", "-o"])
+        .arg(&body);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("https://{}{path}", n.addr))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "curl {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let head = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let hs = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let b = std::fs::read(&body).unwrap_or_default();
+    (status, hs, b)
+}
+
+fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+}
+
+/// imgsrv's request log lines for a route template with a status.
+fn logged(s: &Server, route: &str, status: u16) -> usize {
+    // The line is written just after the response: give it a moment.
+    std::thread::sleep(Duration::from_millis(200));
+    let needle = format!("route={route} ");
+    let status = format!("status={status} ");
+    s.log_text()
+        .lines()
+        .filter(|l| l.contains(" request ") && l.contains(&needle) && l.contains(&status))
+        .count()
+}
+
+#[test]
+fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
+    for tool in ["nginx", "openssl", "curl", "tar", "xz", "incus"] {
+        if !require_tool(tool) {
+            return;
+        }
+    }
+    let s = Server::start();
+    let w = s.writer_token();
+    let work = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(work.path());
+    let state = work.path().join("state");
+    let disk = bytes(3 * CHUNK_SIZE + 17, 41);
+    let one = image_dir(work.path(), "one", &disk, "x86_64");
+    let two = image_dir(work.path(), "two", &bytes(CHUNK_SIZE, 42), "x86_64");
+    let url = format!("http://{}", s.addr);
+    for (v, dir) in [("1.0", &one), ("2.0", &two)] {
+        let d = dir.display().to_string();
+        let o = run(client(
+            &state,
+            Some(&w),
+            &[
+                "push", "--server", &url, "debian", v, &d, "--alias", "latest",
+            ],
+        ));
+        assert!(o.status.success(), "{}", show(&o));
+    }
+    let r = s.call(
+        "PUT",
+        "/v1/images/debian/aliases/latest",
+        &w,
+        &json!({"version": "1.0"}),
+    );
+    assert_eq!(r.status, 200);
+    let n = Nginx::start(&s.addr, &cert, &key);
+
+    // Downloads: the second read is a cache hit; imgsrv served the file once.
+    let m = s.get("/v1/images/debian/versions/1.0").json();
+    let aid = m["artifacts"][0]["artifact"]["id"].as_str().unwrap();
+    let tid = m["artifacts"][0]["attachments"][0]["id"].as_str().unwrap();
+    let dl = format!("/v1/images/debian/versions/1.0/artifacts/{aid}/download/disk.qcow2");
+    const DL_ROUTE: &str =
+        "/v1/images/{name}/versions/{version}/artifacts/{artifact_id}/download/{filename}";
+    let (st, h, b) = get(&n, &cert, &dl, &[]);
+    assert_eq!((st, header(&h, "x-cache-status")), (200, Some("MISS")));
+    assert!(b == disk, "first download differs");
+    let (st, h, b) = get(&n, &cert, &dl, &[]);
+    assert_eq!(
+        (st, header(&h, "x-cache-status")),
+        (200, Some("HIT")),
+        "{}",
+        n.log("access.log")
+    );
+    assert!(b == disk, "cached download differs");
+    let served = logged(&s, DL_ROUTE, 200);
+    assert_eq!(
+        served,
+        1,
+        "imgsrv must see the download once:\n{}",
+        n.log("access.log")
+    );
+
+    // Byte ranges from the cache, and on a file not cached yet.
+    for (range, want) in [
+        ("bytes=100-199", &disk[100..200]),
+        ("bytes=-50", &disk[disk.len() - 50..]),
+        ("bytes=3000000-", &disk[3_000_000..]),
+    ] {
+        let (st, h, b) = get(&n, &cert, &dl, &[&format!("Range: {range}")]);
+        assert_eq!(st, 206, "{range}");
+        assert_eq!(header(&h, "x-cache-status"), Some("HIT"), "{range}");
+        assert!(b == want, "{range}: wrong bytes");
+    }
+    let meta = std::fs::read(one.join("incus.tar.xz")).unwrap();
+    let att = format!("/v1/images/debian/versions/1.0/artifacts/{aid}/attachments/{tid}/download");
+    let (st, _, b) = get(&n, &cert, &att, &["Range: bytes=10-19"]);
+    assert!(
+        (st == 206 && b == meta[10..20]) || (st == 200 && b == meta),
+        "range on a cold cache: {st}"
+    );
+    let (st, h, b) = get(&n, &cert, &att, &["Range: bytes=10-19"]);
+    assert_eq!((st, header(&h, "x-cache-status")), (206, Some("HIT")));
+    assert_eq!(b, meta[10..20]);
+    let (_, _, b) = get(
+        &n,
+        &cert,
+        &format!("/v1/blobs/{}", sha256_digest(&disk)),
+        &[],
+    );
+    assert!(b == disk);
+
+    // Documents that can change are revalidated with imgsrv on every read: a client's
+    // If-None-Match reaches it and is answered 304, and a moved alias shows at once.
+    let docs = [
+        (
+            "/v1/images/debian/versions/1.0",
+            "/v1/images/{name}/versions/{version}",
+        ),
+        (
+            "/v1/images/debian/aliases/latest",
+            "/v1/images/{name}/aliases/{alias}",
+        ),
+        (
+            "/v1/images/debian/refs/latest",
+            "/v1/images/{name}/refs/{ref}",
+        ),
+        ("/streams/v1/index.json", "/streams/v1/index.json"),
+        ("/streams/v1/images.json", "/streams/v1/images.json"),
+    ];
+    let mut tags = Vec::new();
+    for (path, route) in docs {
+        let (st, h, _) = get(&n, &cert, path, &[]);
+        assert_eq!(st, 200, "{path}");
+        let etag = header(&h, "etag").unwrap().to_string();
+        assert_eq!(header(&h, "cache-control"), Some("no-cache"), "{path}");
+        let before = logged(&s, route, 304);
+        let (st, _, b) = get(&n, &cert, path, &[&format!("If-None-Match: {etag}")]);
+        assert_eq!(st, 304, "{path}");
+        assert!(b.is_empty());
+        assert_eq!(
+            logged(&s, route, 304),
+            before + 1,
+            "{path}: imgsrv did not revalidate"
+        );
+        tags.push(etag);
+    }
+    let r = s.call(
+        "PUT",
+        "/v1/images/debian/aliases/latest",
+        &w,
+        &json!({"version": "2.0"}),
+    );
+    assert_eq!(r.status, 200);
+    let (_, _, b) = get(&n, &cert, "/v1/images/debian/aliases/latest", &[]);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap()["version"],
+        "2.0"
+    );
+    let (st, _, b) = get(
+        &n,
+        &cert,
+        "/v1/images/debian/refs/latest",
+        &[&format!("If-None-Match: {}", tags[2])],
+    );
+    assert_eq!(st, 200, "a stale tag gets the new document");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&b).unwrap()["version"]["version"],
+        "2.0"
+    );
+    let (st, _, b) = get(
+        &n,
+        &cert,
+        "/streams/v1/images.json",
+        &[&format!("If-None-Match: {}", tags[4])],
+    );
+    assert_eq!(st, 200);
+    let doc: Value = serde_json::from_slice(&b).unwrap();
+    let aliases = doc["products"]["debian:2.0:amd64:default"]["aliases"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(aliases.contains("debian/latest"), "{doc}");
+
+    // The real Incus client, through the cache over TLS 1.3, with the certificate pinned.
+    let home = tempfile::tempdir().unwrap();
+    let conf = home.path().join("conf");
+    std::fs::create_dir_all(conf.join("servercerts")).unwrap();
+    std::fs::copy(&cert, conf.join("servercerts/cache.crt")).unwrap();
+    let incus = |args: &[&str]| {
+        let out = Command::new("incus")
+            .args(args)
+            .env("INCUS_CONF", &conf)
+            .env("INCUS_CACHE", home.path().join("cache"))
+            .env("HOME", home.path())
+            .output()
+            .expect("running incus");
+        assert!(
+            out.status.success(),
+            "incus {args:?}: {}\n--- nginx access log\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            n.log("access.log")
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    incus(&[
+        "remote",
+        "add",
+        "cache",
+        &format!("https://{}", n.addr),
+        "--protocol=simplestreams",
+    ]);
+    let list: Value =
+        serde_json::from_str(&incus(&["image", "list", "cache:", "--format", "json"])).unwrap();
+    let mut both = meta.clone();
+    both.extend_from_slice(&disk);
+    let fp = sha256_hex(&both);
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["fingerprint"] == fp.as_str()),
+        "{fp} not listed: {list:#}"
+    );
+    let out = work.path().join("export");
+    std::fs::create_dir_all(&out).unwrap();
+    incus(&[
+        "image",
+        "export",
+        "cache:debian/1.0",
+        &format!("{}/", out.display()),
+    ]);
+    assert!(std::fs::read(out.join("disk.qcow2")).unwrap() == disk);
+    assert_eq!(std::fs::read(out.join("incus.tar.xz")).unwrap(), meta);
+    // The disk Incus fetched was the cached one: imgsrv still served it once.
+    assert_eq!(logged(&s, DL_ROUTE, 200), 1, "{}", n.log("access.log"));
+
+    let log = n.log("error.log");
+    assert!(
+        !log.contains("[emerg]") && !log.contains("[alert]") && !log.contains("[crit]"),
+        "{log}"
+    );
+}

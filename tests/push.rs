@@ -1,0 +1,641 @@
+//! `imgsrv push` with the real binary on both sides: publish and download, a rerun that changes
+//! nothing, a conflicting version refused, an upload killed mid-way and resumed without resending
+//! acknowledged parts, and the documented exit codes.
+
+use crate::util::*;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// An `incus.tar.xz` holding a `metadata.yaml` as distrobuilder writes it, built with tar and xz.
+pub fn incus_tar_xz(dir: &Path, arch: &str, os: &str, name: &str) -> Vec<u8> {
+    let root = dir.join(format!("meta-{name}"));
+    std::fs::create_dir_all(root.join("templates")).unwrap();
+    std::fs::write(
+        root.join("metadata.yaml"),
+        format!(
+            "architecture: {arch}\ncreation_date: 1700000000\nexpiry_date: 0\nproperties:\n  architecture: {arch}\n  description: {os} {name}\n  os: {os}\n  release: bookworm\n  variant: default\ntemplates: {{}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && tar --sort=name --mtime=@1700000000 --owner=0 --group=0 --numeric-owner -cf - metadata.yaml templates | xz -T1",
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// A directory holding `disk.qcow2` (arbitrary bytes: imgsrv does not parse disks) and
+/// `incus.tar.xz`.
+pub fn image_dir(root: &Path, name: &str, disk: &[u8], arch: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("disk.qcow2"), disk).unwrap();
+    let meta = incus_tar_xz(root, arch, "Debian", name);
+    std::fs::write(dir.join("incus.tar.xz"), meta).unwrap();
+    dir
+}
+
+/// A client command (`push`, `mirror`) of the binary under test with its own state directory.
+pub fn client(state: &Path, token: Option<&str>, args: &[&str]) -> Command {
+    let mut cmd = Command::new(binary());
+    cmd.args(args)
+        .env("XDG_STATE_HOME", state)
+        .env_remove("IMGSRV_TOKEN")
+        .stdin(Stdio::null());
+    if let Some(t) = token {
+        cmd.env("IMGSRV_TOKEN", t);
+    }
+    cmd
+}
+
+pub fn run(mut cmd: Command) -> Output {
+    cmd.output().expect("running imgsrv")
+}
+
+pub fn show(o: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn metrics_addr(s: &Server) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(line) = s
+            .log_text()
+            .lines()
+            .find(|l| l.contains("metrics on http://"))
+        {
+            let rest =
+                &line[line.find("metrics on http://").unwrap() + "metrics on http://".len()..];
+            return rest.split('/').next().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics line:\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Body bytes the server has received on upload parts so far (its own counter).
+pub fn part_bytes(metrics: &str) -> u64 {
+    let text = raw_request(metrics, "GET", "/metrics", &[], None).text();
+    let series = "imgsrv_http_request_body_bytes_total{route=\"/v1/uploads/{upload_id}/parts/{part_number}\"} ";
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .map(|v| v.trim().parse().unwrap())
+        .unwrap_or(0)
+}
+
+/// Acknowledged parts recorded in the single state file under `state` (0 when there is none).
+pub fn acked_parts(state: &Path) -> usize {
+    let dir = state.join("imgsrv/uploads");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .filter_map(|t| serde_json::from_str::<Value>(&t).ok())
+        .map(|v| v["parts"].as_object().map(|m| m.len()).unwrap_or(0))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Starts `cmd`, SIGKILLs it once its state file records at least `parts` acknowledged parts,
+/// and returns how many were recorded at the kill.
+pub fn kill_after_parts(mut cmd: Command, state: &Path, parts: usize) -> usize {
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if acked_parts(state) >= parts {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            // The kill may land between a part's answer and the state write: count what the
+            // file says afterwards, which is what a rerun will trust.
+            return acked_parts(state);
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("the client finished ({st}) before it could be interrupted");
+        }
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn download(s: &Server, manifest: &Value, i: usize) -> (Vec<u8>, Vec<u8>) {
+    let v = &manifest["version"]["version"];
+    let img = &manifest["image"]["name"];
+    let a = &manifest["artifacts"][i];
+    let aid = a["artifact"]["id"].as_str().unwrap();
+    let tid = a["attachments"][0]["id"].as_str().unwrap();
+    let base = format!(
+        "/v1/images/{}/versions/{}/artifacts/{aid}",
+        img.as_str().unwrap(),
+        v.as_str().unwrap()
+    );
+    let disk = s.get(&format!("{base}/download"));
+    assert_eq!(disk.status, 200);
+    let meta = s.get(&format!("{base}/attachments/{tid}/download"));
+    assert_eq!(meta.status, 200);
+    (disk.body, meta.body)
+}
+
+#[test]
+fn push_publishes_and_a_rerun_changes_nothing() {
+    if !require_tool("tar") || !require_tool("xz") {
+        return;
+    }
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&s);
+    let w = s.writer_token();
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let disk = bytes(3 * CHUNK_SIZE + 1234, 301);
+    let dir = image_dir(work.path(), "img", &disk, "aarch64");
+    let meta = std::fs::read(dir.join("incus.tar.xz")).unwrap();
+
+    let url = format!("http://{}", s.addr);
+    let push = |extra: &[&str]| {
+        let mut args = vec![
+            "push",
+            "--server",
+            &url,
+            "debian-bookworm",
+            "12.5.0",
+            "--part-size-mib",
+            "1",
+        ];
+        args.extend_from_slice(extra);
+        client(&state, Some(&w), &args)
+    };
+    let dir_s = dir.display().to_string();
+    let o = run(push(&[&dir_s, "--alias", "latest", "--alias", "stable"]));
+    assert!(o.status.success(), "{}", show(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("published debian-bookworm 12.5.0"), "{out}");
+    assert!(out.contains(&sha256_digest(&disk)), "{out}");
+    let sent = part_bytes(&metrics);
+    assert_eq!(
+        sent,
+        (disk.len() + meta.len()) as u64,
+        "each byte sent once"
+    );
+
+    // os and architecture come from metadata.yaml.
+    let m = s.get("/v1/images/debian-bookworm/refs/latest").json();
+    assert_eq!(m["version"]["state"], "published", "{m}");
+    let a = &m["artifacts"][0]["artifact"];
+    assert_eq!(a["architecture"], "aarch64");
+    assert_eq!(a["operating_system"], "Debian");
+    assert_eq!(a["format"], "qcow2");
+    assert_eq!(a["variant"], "default");
+    assert_eq!(m["artifacts"][0]["attachments"][0]["name"], "incus.tar.xz");
+    let (got_disk, got_meta) = download(&s, &m, 0);
+    assert!(got_disk == disk, "disk differs");
+    assert_eq!(got_meta, meta);
+    assert_eq!(
+        s.get("/v1/images/debian-bookworm/aliases/stable").json()["version"],
+        "12.5.0"
+    );
+    let alias_before = s.get("/v1/images/debian-bookworm/aliases/latest").json();
+    let manifest_before = s.get("/v1/images/debian-bookworm/versions/12.5.0").body;
+
+    // The same command again, with the files named one by one: nothing sent, nothing changed.
+    let d = dir.join("disk.qcow2").display().to_string();
+    let t = dir.join("incus.tar.xz").display().to_string();
+    let o = run(push(&[&d, &t, "--alias", "latest"]));
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("already published"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(part_bytes(&metrics), sent, "a rerun sent bytes");
+    assert_eq!(
+        s.get("/v1/images/debian-bookworm/aliases/latest").json(),
+        alias_before
+    );
+    assert_eq!(
+        s.get("/v1/images/debian-bookworm/versions/12.5.0").body,
+        manifest_before
+    );
+
+    // A new version of the same files: the blobs are on the server already, so nothing is
+    // sent (begin answers ready), and the alias moves.
+    let o = run(client(
+        &state,
+        Some(&w),
+        &[
+            "push",
+            "--server",
+            &url,
+            "debian-bookworm",
+            "12.6.0",
+            &dir_s,
+            "--alias",
+            "latest",
+        ],
+    ));
+    assert!(o.status.success(), "{}", show(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("already on the server"),
+        "{}",
+        show(&o)
+    );
+    assert_eq!(part_bytes(&metrics), sent);
+    assert_eq!(
+        s.get("/v1/images/debian-bookworm/aliases/latest").json()["version"],
+        "12.6.0"
+    );
+}
+
+#[test]
+fn push_of_a_conflicting_version_is_refused_and_changes_nothing() {
+    if !require_tool("tar") || !require_tool("xz") {
+        return;
+    }
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&s);
+    let w = s.writer_token();
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let url = format!("http://{}", s.addr);
+    let one = image_dir(work.path(), "one", &bytes(100_000, 1), "x86_64");
+    let two = image_dir(work.path(), "two", &bytes(100_000, 2), "x86_64");
+    let push = |dir: &Path| {
+        let d = dir.display().to_string();
+        run(client(
+            &state,
+            Some(&w),
+            &[
+                "push", "--server", &url, "img", "1.0", &d, "--alias", "latest",
+            ],
+        ))
+    };
+    let o = push(&one);
+    assert!(o.status.success(), "{}", show(&o));
+    let before = s.get("/v1/images/img/versions/1.0").body;
+    let sent = part_bytes(&metrics);
+
+    let o = push(&two);
+    assert_eq!(o.status.code(), Some(4), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("already published with other content"),
+        "{err}"
+    );
+    assert_eq!(s.get("/v1/images/img/versions/1.0").body, before);
+    assert_eq!(part_bytes(&metrics), sent, "nothing may be uploaded");
+    // The refused files are not stored: their digest is unknown to the server.
+    let disk_two = std::fs::read(two.join("disk.qcow2")).unwrap();
+    assert_eq!(
+        s.get(&format!("/v1/blobs/{}", sha256_digest(&disk_two)))
+            .status,
+        404
+    );
+}
+
+#[test]
+fn push_killed_mid_upload_resumes_without_resending_acknowledged_parts() {
+    if !require_tool("tar") || !require_tool("xz") {
+        return;
+    }
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&s);
+    let w = s.writer_token();
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    const MIB: usize = 1024 * 1024;
+    let disk = bytes(40 * MIB + 777, 7);
+    let dir = image_dir(work.path(), "big", &disk, "x86_64");
+    let meta_len = std::fs::metadata(dir.join("incus.tar.xz")).unwrap().len();
+    let url = format!("http://{}", s.addr);
+    let d = dir.display().to_string();
+    let cmd = || {
+        client(
+            &state,
+            Some(&w),
+            &[
+                "push",
+                "--server",
+                &url,
+                "img",
+                "1.0",
+                &d,
+                "--part-size-mib",
+                "1",
+                "--parallel",
+                "2",
+            ],
+        )
+    };
+
+    let acked = kill_after_parts(cmd(), &state, 8);
+    // Let the server notice the cut connection before reading its counter.
+    std::thread::sleep(Duration::from_millis(500));
+    let first = part_bytes(&metrics);
+    assert!(first >= (acked * MIB) as u64, "{first} < {acked} parts");
+
+    let o = run(cmd());
+    assert!(o.status.success(), "{}", show(&o));
+    let second = part_bytes(&metrics) - first;
+    let total = disk.len() as u64 + meta_len;
+    let most = total - (acked * MIB) as u64;
+    eprintln!(
+        "push resume: first run sent {first} bytes ({acked} parts acknowledged), the resumed run {second} of {total}"
+    );
+    assert!(
+        second <= most,
+        "the resumed run sent {second} bytes, at most {most} expected ({acked} parts were acknowledged)\n{}",
+        show(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("resuming"),
+        "{}",
+        show(&o)
+    );
+    let m = s.get("/v1/images/img/versions/1.0").json();
+    assert_eq!(m["version"]["state"], "published");
+    let (got, _) = download(&s, &m, 0);
+    assert!(got == disk, "downloaded disk differs");
+    assert_eq!(
+        acked_parts(&state),
+        0,
+        "the state file is removed once done"
+    );
+}
+
+#[test]
+fn push_errors_have_documented_exit_codes() {
+    if !require_tool("tar") || !require_tool("xz") {
+        return;
+    }
+    let s = Server::start();
+    let w = s.writer_token();
+    let reader = s.token_with_roles(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let dir = image_dir(work.path(), "img", b"disk bytes", "x86_64");
+    let d = dir.display().to_string();
+    let url = format!("http://{}", s.addr);
+    let args = ["push", "--server", &url, "img", "1.0", &d];
+
+    let check = |token: Option<&str>, args: &[&str], code: i32, needle: &str| {
+        let o = run(client(&state, token, args));
+        assert_eq!(o.status.code(), Some(code), "{}", show(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{needle:?} not in {}", show(&o));
+    };
+    check(None, &args, 2, "IMGSRV_TOKEN");
+    check(Some("imgsrv_at_nope"), &args, 3, "401");
+    check(Some(&reader), &args, 3, "content-writer");
+    // A port nobody listens on (bound, then released).
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let nowhere = format!("http://{closed}");
+    check(
+        Some(&w),
+        &["push", "--server", &nowhere, "img", "1.0", &d],
+        6,
+        &format!("cannot talk to {nowhere}"),
+    );
+    // Any other file in the directory is named, and nothing is sent.
+    let stray = dir.join("notes.txt");
+    std::fs::write(&stray, "x").unwrap();
+    check(Some(&w), &args, 2, "notes.txt");
+    std::fs::remove_file(&stray).unwrap();
+    let disk_only = dir.join("disk.qcow2").display().to_string();
+    check(
+        Some(&w),
+        &["push", "--server", &url, "img", "1.0", &disk_only],
+        2,
+        "--os",
+    );
+    // The token file works like the variable, and --os/--arch stand in for metadata.
+    let tf = work.path().join("token");
+    std::fs::write(&tf, format!("{w}\n")).unwrap();
+    let tf_s = tf.display().to_string();
+    let o = run(client(
+        &state,
+        None,
+        &[
+            "push",
+            "--server",
+            &url,
+            "img",
+            "1.0",
+            &disk_only,
+            "--os",
+            "debian",
+            "--arch",
+            "amd64",
+            "--token-file",
+            &tf_s,
+        ],
+    ));
+    assert!(o.status.success(), "{}", show(&o));
+    let m = s.get("/v1/images/img/versions/1.0").json();
+    assert_eq!(m["artifacts"][0]["artifact"]["architecture"], "x86_64");
+    assert_eq!(m["artifacts"][0]["attachments"], serde_json::json!([]));
+    // A retired version's name is a conflict too.
+    let r = s.call(
+        "DELETE",
+        "/v1/images/img/versions/1.0",
+        &w,
+        &serde_json::Value::Null,
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    check(Some(&w), &args, 4, "retired");
+}
+
+#[test]
+fn push_of_rootfs_squashfs_names_the_format() {
+    if !require_tool("tar") || !require_tool("xz") {
+        return;
+    }
+    // squashfs is a known artifact format on servers that have it; a server without it
+    // answers 400, which push reports clearly. Either way the file is recognised.
+    let s = Server::start();
+    let w = s.writer_token();
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let dir = work.path().join("ct");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("rootfs.squashfs"), bytes(5000, 9)).unwrap();
+    std::fs::write(
+        dir.join("incus.tar.xz"),
+        incus_tar_xz(work.path(), "x86_64", "Alpine", "ct"),
+    )
+    .unwrap();
+    let url = format!("http://{}", s.addr);
+    let d = dir.display().to_string();
+    let o = run(client(
+        &state,
+        Some(&w),
+        &["push", "--server", &url, "alpine", "3.20", &d],
+    ));
+    if o.status.success() {
+        let m = s.get("/v1/images/alpine/versions/3.20").json();
+        assert_eq!(m["artifacts"][0]["artifact"]["format"], "squashfs", "{m}");
+        assert_eq!(
+            m["artifacts"][0]["artifact"]["primary_media_type"],
+            "application/vnd.squashfs"
+        );
+    } else {
+        assert_eq!(o.status.code(), Some(1), "{}", show(&o));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("refused a squashfs artifact"),
+            "{}",
+            show(&o)
+        );
+    }
+}
+
+#[test]
+fn push_over_tls_trusts_ca_cert() {
+    if !require_tool("tar") || !require_tool("xz") || !require_tool("openssl") {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let (cert, key) = (work.path().join("cert.pem"), work.path().join("key.pem"));
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (c, k) = (cert.display().to_string(), key.display().to_string());
+    let s = Server::start_with(&["--tls-cert", &c, "--tls-key", &k]);
+    let w = {
+        // Tokens are made over plain HTTP by the helpers; this server speaks TLS only, so
+        // read the bootstrap token and make a writer with the client's own HTTP stack: curl.
+        let admin = s.bootstrap_token();
+        let curl = |args: &[&str]| -> Value {
+            let out = Command::new("curl")
+                .args([
+                    "-sS",
+                    "--cacert",
+                    &c,
+                    "-H",
+                    &format!("Authorization: Bearer {admin}"),
+                ])
+                .args(args)
+                .output()
+                .unwrap();
+            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+        };
+        let base = format!("https://{}", s.addr);
+        let p = curl(&[
+            "-d",
+            r#"{"kind":"service","display_name":"t"}"#,
+            &format!("{base}/v1/auth/principals"),
+        ]);
+        let id = p["id"].as_str().unwrap().to_string();
+        curl(&[
+            "-X",
+            "PUT",
+            &format!("{base}/v1/auth/principals/{id}/roles/content-writer"),
+        ]);
+        let t = curl(&[
+            "-d",
+            r#"{"name":"t","expires_at":"2099-01-01T00:00:00Z"}"#,
+            &format!("{base}/v1/auth/principals/{id}/api-tokens"),
+        ]);
+        t["plaintext"].as_str().unwrap().to_string()
+    };
+    let state = work.path().join("state");
+    let dir = image_dir(work.path(), "img", &bytes(200_000, 5), "x86_64");
+    let d = dir.display().to_string();
+    let url = format!("https://{}", s.addr);
+    let o = run(client(
+        &state,
+        Some(&w),
+        &["push", "--server", &url, "img", "1.0", &d],
+    ));
+    assert_eq!(
+        o.status.code(),
+        Some(6),
+        "an unknown certificate: {}",
+        show(&o)
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("certificate"),
+        "{}",
+        show(&o)
+    );
+    let o = run(client(
+        &state,
+        Some(&w),
+        &["push", "--server", &url, "img", "1.0", &d, "--ca-cert", &c],
+    ));
+    assert!(o.status.success(), "{}", show(&o));
+}
+
+#[test]
+fn push_to_a_full_server_exits_5() {
+    if !require_tool("tar") || !require_tool("xz") {
+        return;
+    }
+    // A reserve larger than any disk: every write is refused with 507 (a part before its body
+    // is read). The token is made before the restart that sets it.
+    let mut s = Server::start();
+    let w = s.writer_token();
+    s.terminate();
+    s.extra = vec!["--disk-reserve".into(), "1000TiB".into()];
+    s.start_again();
+    let work = tempfile::tempdir().unwrap();
+    let state = work.path().join("state");
+    let dir = image_dir(work.path(), "img", &bytes(50_000, 3), "x86_64");
+    let d = dir.display().to_string();
+    let url = format!("http://{}", s.addr);
+    let o = run(client(
+        &state,
+        Some(&w),
+        &["push", "--server", &url, "img", "1.0", &d],
+    ));
+    assert_eq!(o.status.code(), Some(5), "{}", show(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("507") && err.contains("disk space"), "{err}");
+}

@@ -2,7 +2,6 @@
 
 use crate::util::*;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 
 const UNKNOWN: &str = "00000000-0000-4000-8000-000000000000";
@@ -331,7 +330,7 @@ fn publish_job_endpoints_need_content_write() {
     r.assert_problem(401, "invalid bearer token");
 }
 
-/// The `chunks` table as `store/tables.rs` defines it (sha256 of a chunk -> its bytes). The
+/// The `chunks` table as `store/tables.rs` defines it (BLAKE3 of a chunk -> its bytes). The
 /// API has no way to make a publish step fail, so this test damages stored bytes the way a
 /// disk fault would, with the server stopped.
 const CHUNKS: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::new("chunks");
@@ -339,13 +338,13 @@ const CHUNKS: redb::TableDefinition<&[u8; 32], &[u8]> = redb::TableDefinition::n
 /// Replaces the stored bytes of the single chunk of `data` (which is smaller than a chunk).
 fn overwrite_chunk(db: &Path, data: &[u8], with: &[u8]) {
     assert!(data.len() < CHUNK_SIZE);
-    let key: [u8; 32] = Sha256::digest(data).into();
+    let key: [u8; 32] = *blake3::hash(data).as_bytes();
     let db = redb::Database::open(db).expect("opening the stopped server's database");
     let txn = db.begin_write().unwrap();
     {
         let mut t = txn.open_table(CHUNKS).unwrap();
         let old = t.insert(&key, with).unwrap();
-        assert!(old.is_some(), "the chunk was not stored under its sha256");
+        assert!(old.is_some(), "the chunk was not stored under its BLAKE3");
     }
     txn.commit().unwrap();
 }

@@ -1,13 +1,11 @@
-//! `/v1/uploads`: begin, parts, complete, abort, get (API.md 4.1, Decisions 2 and 3).
+//! `/v1/uploads`: begin, parts, complete, abort, get (docs/api.md 4.1, decisions 2 and 3).
 
 use super::{App, HandlerResult, Object, err, json_body, require, uuid_param};
 use crate::http::{Request, Response, problem};
 use crate::store::auth::ACTION_CONTENT_WRITE;
-use crate::store::chunks::CHUNK_SIZE;
-use crate::store::uploads::{BeginUpload, MAX_PART_SIZE};
+use crate::store::uploads::{BeginUpload, FeedError, MAX_PART_SIZE};
 use crate::validate;
 use serde::Deserialize;
-use std::io::Read;
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
@@ -107,42 +105,19 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
     // the claim holds its space against concurrent uploads until this part is stored.
     let _claim = app.store.admit(length).map_err(err)?;
 
-    // Stream the body one chunk at a time: memory per request is one chunk buffer, and each
-    // chunk is committed before the next byte is read from the socket.
+    // Stream the body through the part writer's pipeline: memory per request is a few chunk
+    // buffers, and each chunk is committed in its own short transaction while the next one is
+    // read from the socket.
     let mut writer = app.store.part_writer(id, number as u32);
-    let mut buf = vec![0u8; CHUNK_SIZE];
-    let mut remaining = length;
-    while remaining > 0 {
-        let want = remaining.min(CHUNK_SIZE as u64) as usize;
-        read_full(req.body, &mut buf[..want]).map_err(|e| {
-            problem(
-                400,
-                &format!("reading part body: {e} ({remaining} bytes missing)"),
-            )
-        })?;
-        writer.write_chunk(&buf[..want]).map_err(err)?;
-        remaining -= want as u64;
-    }
+    writer.write_from(req.body, length).map_err(|e| match e {
+        FeedError::Body { error, missing } => problem(
+            400,
+            &format!("reading part body: {error} ({missing} bytes missing)"),
+        ),
+        FeedError::Store(e) => err(e),
+    })?;
     let part = writer.finish().map_err(err)?;
     Ok(Response::json(200, &part))
-}
-
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "body ended early",
-                ));
-            }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 pub fn complete(app: &App, req: &mut Request, id: &str) -> HandlerResult {

@@ -455,7 +455,7 @@ impl Store {
     }
 
     pub fn abort_upload(&self, id: Uuid) -> Result<UploadSession> {
-        let session = begin_write_scope(self, |txn| {
+        let abort = |txn: &WriteTransaction| {
             let mut s = load_session(txn, id)?;
             match s.state {
                 UploadState::Aborted => Ok(s),
@@ -469,7 +469,25 @@ impl Store {
                     "upload session cannot be aborted from {other}"
                 ))),
             }
-        })?;
+        };
+        let session = match begin_write_scope(self, abort) {
+            // An abort frees space, but its own commit needs a few pages, and whether redb finds
+            // them inside the file or must write past its allocated end depends on the page
+            // layout. Refusing it on a full disk would keep the disk full, so it may spend the
+            // headroom file (recreated once there is room again): release it, reopen the
+            // database after the failed commit, and try once more.
+            Err(e)
+                if e.kind == crate::error::Kind::InsufficientStorage
+                    && self.space.release_headroom() =>
+            {
+                crate::log::warn(&format!(
+                    "the disk is full: released the headroom file to abort upload {id}"
+                ));
+                self.recover();
+                begin_write_scope(self, abort)?
+            }
+            r => r?,
+        };
         self.settle_freed_pages();
         Ok(session)
     }

@@ -163,14 +163,17 @@ def measure(total, extra):
     img = image_name(0)
     # The first images.json after a publish renders it; later ones are served from the cache.
     c.publish_version(img, f"9.{extra}", f"extra/{extra}")
-    r["render images.json (first GET after a publish)"] = timed(c, "GET", "/streams/v1/images.json", 1)
-    r["images.json cached"] = timed(c, "GET", "/streams/v1/images.json", 30)
-    _, _, resp = c.call("GET", "/streams/v1/images.json")
+    # Incus's Go client asks for gzip (Accept-Encoding: gzip); plain is what curl gets.
+    gz = {"Accept-Encoding": "gzip"}
+    r["render images.json (first GET after a publish)"] = timed(c, "GET", "/streams/v1/images.json", 1, headers=gz)
+    r["images.json cached, gzip (as Incus asks)"] = timed(c, "GET", "/streams/v1/images.json", 30, headers=gz)
+    r["images.json cached, plain"] = timed(c, "GET", "/streams/v1/images.json", 10)
+    _, _, resp = c.call("GET", "/streams/v1/images.json", headers=gz)
     etag = resp.getheader("ETag")
     r["images.json revalidated (304)"] = timed(
-        c, "GET", "/streams/v1/images.json", 30, headers={"If-None-Match": etag}, want=304
+        c, "GET", "/streams/v1/images.json", 30, headers={"If-None-Match": etag, **gz}, want=304
     )
-    r["index.json cached"] = timed(c, "GET", "/streams/v1/index.json", 30)
+    r["index.json cached, gzip"] = timed(c, "GET", "/streams/v1/index.json", 30, headers=gz)
     r["list images"] = timed(c, "GET", "/v1/images", 10)
     r["list versions of one image"] = timed(c, "GET", f"/v1/images/{img}/versions", 20)
     r["read a manifest"] = timed(c, "GET", f"/v1/images/{img}/versions/1.0", 20)
@@ -187,7 +190,7 @@ def measure(total, extra):
         c.ok("PUT", f"/v1/images/{img}/aliases/latest", {"version": f"1.{k % 2}"})
         moves.append((time.perf_counter() - t0) * 1000)
     r["move an alias"] = (statistics.median(moves), max(moves), 0)
-    r["render images.json after an alias move"] = timed(c, "GET", "/streams/v1/images.json", 1)
+    r["render images.json after an alias move"] = timed(c, "GET", "/streams/v1/images.json", 1, headers=gz)
     print(f"-- catalog of {total} published versions ({IMAGES} images)", flush=True)
     for k, (med, mx, size) in r.items():
         extra_size = f", {size / 1e6:.2f} MB" if size > 100000 else ""
@@ -213,9 +216,9 @@ def main():
     for k in r1:
         a, b = r1[k][0], r2[k][0]
         print(f"   {k:58} {a:9.2f} -> {b:9.2f}   growth {b / a if a else float('nan'):5.2f}")
-    cached = r2["images.json cached"][0]
+    cached = r2["images.json cached, gzip (as Incus asks)"][0]
     verdict = "ok" if cached < 5 else "MISS"
-    print(f"   cached images.json at {total} versions: {cached:.2f} ms (target < 5 ms)  {verdict}")
+    print(f"   cached images.json (gzip) at {total} versions: {cached:.2f} ms (target < 5 ms)  {verdict}")
 
 
 main()

@@ -102,8 +102,8 @@ impl Store {
     }
 }
 
-/// The tables the snapshot reads row by row, opened once: opening a table is a lookup of its
-/// own, which per Incus row cost more than the rows' reads at 10,000 versions.
+/// The tables the snapshot reads row by row, opened once per snapshot rather than once per
+/// Incus row (each open is a lookup in redb's table of tables).
 struct Tables {
     images: ReadOnlyTable<u128, &'static [u8]>,
     versions: ReadOnlyTable<u128, &'static [u8]>,

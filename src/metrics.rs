@@ -253,6 +253,11 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
         "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their sha256 check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}",
         VERIFY_FAILURES.load(Ordering::Relaxed)
     );
+    let _ = writeln!(
+        w,
+        "# HELP imgsrv_upload_complete_rehashed_bytes_total Bytes that completing an upload read back and hashed because their part did not continue the blob's sha256 (parts sent out of order or replaced).\n# TYPE imgsrv_upload_complete_rehashed_bytes_total counter\nimgsrv_upload_complete_rehashed_bytes_total {}",
+        crate::store::uploads::COMPLETE_REHASHED_BYTES.load(Ordering::Relaxed)
+    );
     {
         use crate::store::handle::{DAMAGE_ERRORS, IO_ERRORS, NO_SPACE_ERRORS, RECOVERIES};
         let _ = writeln!(

@@ -3,7 +3,6 @@
 use crate::util::tables::CHUNKS;
 use crate::util::*;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 use std::path::Path;
 
 const UNKNOWN: &str = "00000000-0000-4000-8000-000000000000";
@@ -337,13 +336,13 @@ fn publish_job_endpoints_need_content_write() {
 /// disk fault would, with the server stopped.
 fn overwrite_chunk(db: &Path, data: &[u8], with: &[u8]) {
     assert!(data.len() < CHUNK_SIZE);
-    let key: [u8; 32] = Sha256::digest(data).into();
+    let key: [u8; 32] = *blake3::hash(data).as_bytes();
     let db = redb::Database::open(db).expect("opening the stopped server's database");
     let txn = db.begin_write().unwrap();
     {
         let mut t = txn.open_table(CHUNKS).unwrap();
         let old = t.insert(&key, with).unwrap();
-        assert!(old.is_some(), "the chunk was not stored under its sha256");
+        assert!(old.is_some(), "the chunk was not stored under its BLAKE3");
     }
     txn.commit().unwrap();
 }

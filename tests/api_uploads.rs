@@ -1,6 +1,7 @@
-//! Upload sessions (API.md 4.1, sections 5 and 8, Decisions 2 and 3): begin, parts, complete,
+//! Upload sessions (docs/api.md 4.1, sections 5 and 8, decisions 2 and 3): begin, parts, complete,
 //! abort and get, with every documented error class.
 
+use crate::storage::part_etag;
 use crate::util::*;
 use serde_json::{Value, json};
 use std::io::{ErrorKind, Read, Write};
@@ -27,10 +28,6 @@ fn complete(s: &Server, w: &str, id: &str, body: &Value) -> Resp {
 
 fn abort(s: &Server, w: &str, id: &str) -> Resp {
     s.call("POST", &format!("/v1/uploads/{id}/abort"), w, &Value::Null)
-}
-
-fn part_etag(data: &[u8]) -> String {
-    format!("\"{}\"", sha256_hex(data))
 }
 
 /// Sends a part PUT that declares `length` bytes and trickles a few KiB of them until the server
@@ -353,7 +350,7 @@ fn parts_upload_replace_and_complete() {
     let session = begin(&s, &w, &data);
     let id = id_of(&session["id"]);
 
-    // A part answers UploadPart; its etag is the quoted lowercase hex sha256 of its bytes.
+    // A part answers UploadPart; its etag is the quoted lowercase hex BLAKE3 of its chunk list.
     let r = put_part(&s, &w, &id, "1", &data[..1000]);
     let p = json_ok(&r, 200);
     assert_eq!(p["upload_id"], id.as_str());
@@ -629,7 +626,7 @@ fn get_upload_errors() {
     assert!(h.body.is_empty());
 }
 
-/// Decision 3 and 4.1: an expired session answers 412 to parts and complete, and the sweeper
+/// docs/api.md decision 3 and 4.1: an expired session answers 412 to parts and complete, and the sweeper
 /// then moves it to `aborted`. The sweeper runs every second in tests, so each attempt first
 /// locks onto its phase (by watching a probe session get swept) and then acts in the window
 /// between a session's expiry and the next sweep. On a loaded machine the sweeper can still

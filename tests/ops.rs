@@ -301,7 +301,7 @@ fn check_reports_damage_and_wrong_counts() {
         .lines()
         .find(|l| l.contains(&hex(&chunk)))
         .unwrap_or_else(|| panic!("the damaged chunk is not named:\n{out}"));
-    assert!(line.contains("do not match its sha256"), "{line}");
+    assert!(line.contains("do not match its key"), "{line}");
     assert!(line.contains(&sha256_digest(&disk)), "{line}");
     assert!(line.contains("img 1.0 (published)"), "{line}");
     assert!(out.contains("1 problems found"), "{out}");

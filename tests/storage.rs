@@ -19,9 +19,9 @@ pub type Hash = [u8; 32];
 /// The storage tables of a stopped server's database, decoded.
 #[derive(Debug)]
 pub struct Db {
-    /// Chunk sha256 -> (stored bytes, whether they still hash to the key).
+    /// Chunk key -> (stored bytes, whether they still hash to the key).
     pub chunks: BTreeMap<Hash, (usize, bool)>,
-    /// Chunk sha256 -> reference count.
+    /// Chunk key -> reference count.
     pub refs: BTreeMap<Hash, u64>,
     /// Blob sha256 -> (size, ordered chunk list).
     pub blobs: BTreeMap<Hash, (u64, Vec<Hash>)>,
@@ -69,7 +69,9 @@ impl Db {
         };
         for row in txn.open_table(CHUNKS).unwrap().iter().unwrap() {
             let (k, v) = row.unwrap();
-            let intact = Sha256::digest(v.value()).as_slice() == k.value();
+            // New chunks are keyed by BLAKE3; chunks of an upgraded schema-2 file keep sha256.
+            let intact = blake3::hash(v.value()).as_bytes() == k.value()
+                || Sha256::digest(v.value()).as_slice() == k.value();
             out.chunks.insert(*k.value(), (v.value().len(), intact));
         }
         for row in txn.open_table(CHUNK_REFS).unwrap().iter().unwrap() {
@@ -87,9 +89,15 @@ impl Db {
                 .insert(*k.value(), (size, chunk_list(&b[19 + mt..])));
         }
         for row in txn.open_table(PARTS).unwrap().iter().unwrap() {
-            // u64 size | sha256 of the part | list
+            // u8 layout (3) | u64 size | etag | u16 n + start state | u16 m + end state | list
             let (k, v) = row.unwrap();
-            out.parts.insert(k.value(), chunk_list(&v.value()[40..]));
+            let b = v.value();
+            assert_eq!(b[0], 3, "part record layout");
+            let mut at = 41;
+            for _ in 0..2 {
+                at += 2 + u16::from_be_bytes(b[at..at + 2].try_into().unwrap()) as usize;
+            }
+            out.parts.insert(k.value(), chunk_list(&b[at..]));
         }
         for row in txn.open_table(STAGING).unwrap().iter().unwrap() {
             let (_, v) = row.unwrap();
@@ -158,11 +166,23 @@ pub fn hash_of_digest(digest: &str) -> Hash {
     out
 }
 
-/// The chunk keys a part of these bytes is stored as: `CHUNK_SIZE` pieces from its start.
+/// The chunk keys a part of these bytes is stored as: the BLAKE3 of each `CHUNK_SIZE` piece
+/// from its start.
 pub fn chunk_hashes(part: &[u8]) -> Vec<Hash> {
     part.chunks(CHUNK_SIZE)
-        .map(|c| Sha256::digest(c).into())
+        .map(|c| *blake3::hash(c).as_bytes())
         .collect()
+}
+
+/// A part's etag: the quoted lowercase hex BLAKE3 of its chunk list, that is of each
+/// `CHUNK_SIZE` piece's BLAKE3 followed by the piece's length as a big-endian u32.
+pub fn part_etag(data: &[u8]) -> String {
+    let mut h = blake3::Hasher::new();
+    for c in data.chunks(CHUNK_SIZE) {
+        h.update(blake3::hash(c).as_bytes());
+        h.update(&(c.len() as u32).to_be_bytes());
+    }
+    format!("\"{}\"", h.finalize().to_hex())
 }
 
 /// Stops the server (SIGKILL; there is no other way to stop it) and reads its database.
@@ -241,7 +261,7 @@ pub fn put_part_ok(s: &Server, token: &str, id: &str, n: u32, body: &[u8]) -> Va
     let r = put_part(s, token, id, n, body);
     assert_eq!(r.status, 200, "{}", r.text());
     let p = r.json();
-    assert_eq!(p["etag"], format!("\"{}\"", sha256_hex(body)), "{p}");
+    assert_eq!(p["etag"], part_etag(body), "{p}");
     assert_eq!(p["size_bytes"], body.len(), "{p}");
     assert_eq!(p["part_number"], n, "{p}");
     json!({"number": n, "etag": p["etag"], "size_bytes": body.len()})
@@ -571,7 +591,7 @@ fn sweeper_aborts_expired_sessions() {
     });
     put_part(&s, &w, &id, 2, &data[4000..])
         .assert_problem(412, "upload session does not accept parts from aborted");
-    let p2 = json!({"number": 2, "etag": format!("\"{}\"", sha256_hex(&data[4000..])),
+    let p2 = json!({"number": 2, "etag": part_etag(&data[4000..]),
                     "size_bytes": 1000});
     complete(&s, &w, &id, &[p1, p2])
         .assert_problem(412, "upload session cannot be completed from aborted");
@@ -865,4 +885,86 @@ fn one_unreadable_blob_record_does_not_stop_garbage_collection() {
             .lines()
             .any(|l| l.contains("error") && l.contains(&dx))
     });
+}
+
+/// What `complete` has read back and hashed again since the server started.
+fn rehashed(metrics: &str) -> f64 {
+    metric(metrics, "imgsrv_upload_complete_rehashed_bytes_total")
+}
+
+/// Parts sent in order carry the blob's sha256 from one to the next, so `complete` reads
+/// nothing back, even across a crash (kill -9) between two parts: the hash state is stored
+/// with each part.
+#[test]
+fn in_order_parts_carry_the_hash_across_a_restart() {
+    let mut s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let w = s.writer_token();
+    let parts = [
+        bytes(CHUNK_SIZE + 70, 81),
+        bytes(3000, 82),
+        bytes(2 * CHUNK_SIZE, 83),
+    ];
+    let data = parts.concat();
+    let id = begin(&s, &w, &data);
+    let mut listed = vec![put_part_ok(&s, &w, &id, 1, &parts[0])];
+    s.restart();
+    listed.push(put_part_ok(&s, &w, &id, 2, &parts[1]));
+    s.restart();
+    listed.push(put_part_ok(&s, &w, &id, 3, &parts[2]));
+    let metrics = metrics_addr(&s);
+    let r = complete(&s, &w, &id, &listed);
+    assert_eq!(json_ok(&r, 200)["state"], "ready", "{}", r.text());
+    assert_eq!(rehashed(&metrics), 0.0, "in-order parts were read back");
+    assert_downloads(
+        &s,
+        &data,
+        &[parts[0].len(), parts[0].len() + parts[1].len()],
+    );
+    stop_and_read(&mut s).check(true);
+}
+
+/// Parts sent out of order have no hash state to continue from: `complete` reads back the
+/// parts that do not continue where the previous one ended, and only those, and still
+/// verifies the whole blob.
+#[test]
+fn out_of_order_parts_fall_back_to_reading_back() {
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&s);
+    let w = s.writer_token();
+    let parts = [bytes(5000, 84), bytes(CHUNK_SIZE + 9, 85), bytes(700, 86)];
+    let data = parts.concat();
+    let id = begin(&s, &w, &data);
+    // Part 2 first (nothing to continue from), then 1, then 3 (which follows part 2, itself
+    // not hashed on arrival).
+    let p2 = put_part_ok(&s, &w, &id, 2, &parts[1]);
+    let p1 = put_part_ok(&s, &w, &id, 1, &parts[0]);
+    let p3 = put_part_ok(&s, &w, &id, 3, &parts[2]);
+    let r = complete(&s, &w, &id, &[p3, p1, p2]);
+    assert_eq!(json_ok(&r, 200)["state"], "ready", "{}", r.text());
+    assert_eq!(
+        rehashed(&metrics),
+        (parts[1].len() + parts[2].len()) as f64,
+        "exactly parts 2 and 3 should have been read back"
+    );
+    assert_downloads(&s, &data, &[parts[0].len()]);
+}
+
+/// A part replaced after its successor was written leaves the successor's stored start state
+/// stale; `complete` notices, reads the successor back and gets the right digest, and a
+/// successor that started from bytes that are no longer listed never yields a wrong `ready`.
+#[test]
+fn replaced_predecessor_breaks_the_chain_safely() {
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&s);
+    let w = s.writer_token();
+    let (good1, part2) = (bytes(4000, 87), bytes(6000, 88));
+    let data = [&good1[..], &part2[..]].concat();
+    let id = begin(&s, &w, &data);
+    put_part_ok(&s, &w, &id, 1, &bytes(4000, 89));
+    let p2 = put_part_ok(&s, &w, &id, 2, &part2);
+    let p1 = put_part_ok(&s, &w, &id, 1, &good1);
+    let r = complete(&s, &w, &id, &[p1, p2]);
+    assert_eq!(json_ok(&r, 200)["state"], "ready", "{}", r.text());
+    assert_eq!(rehashed(&metrics), part2.len() as f64);
+    assert_downloads(&s, &data, &[good1.len()]);
 }

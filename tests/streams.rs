@@ -629,3 +629,49 @@ fn a_unified_version_needs_one_metadata_file_and_agreeing_requirements() {
         r.assert_problem(400, detail);
     }
 }
+
+/// Clients that accept gzip (Incus's Go client does) get each document compressed, with its
+/// own strong tag and `Vary: Accept-Encoding`; the bytes are the plain document's.
+#[test]
+fn documents_are_served_gzip_to_clients_that_accept_it() {
+    use std::io::Read;
+    let s = Server::start();
+    let w = s.writer_token();
+    s.publish_image(&w, "img", "1.0", b"disk", b"meta");
+    for path in [INDEX, IMAGES] {
+        let plain = s.get(path);
+        assert_eq!(plain.status, 200);
+        assert_eq!(plain.header("Content-Encoding"), None, "{path}");
+        assert_eq!(plain.header("Vary"), Some("Accept-Encoding"), "{path}");
+        let plain_tag = plain.header("ETag").unwrap().to_string();
+
+        let z = s.get_with(path, &[("Accept-Encoding", "deflate, gzip")]);
+        assert_eq!(z.status, 200, "{path}");
+        assert_eq!(z.header("Content-Encoding"), Some("gzip"), "{path}");
+        assert_eq!(z.header("Vary"), Some("Accept-Encoding"), "{path}");
+        assert_eq!(z.header("Cache-Control"), Some("no-cache"), "{path}");
+        let mut unzipped = Vec::new();
+        flate2::read::GzDecoder::new(&z.body[..])
+            .read_to_end(&mut unzipped)
+            .expect("a gzip body");
+        assert_eq!(unzipped, plain.body, "{path}");
+        let tag = z.header("ETag").unwrap().to_string();
+        assert_eq!(
+            tag,
+            format!("\"{}-gzip\"", plain_tag.trim_matches('"')),
+            "{path}"
+        );
+
+        // Each representation revalidates against its own tag only.
+        let h = [("Accept-Encoding", "gzip"), ("If-None-Match", tag.as_str())];
+        let nm = s.get_with(path, &h);
+        assert_eq!(nm.status, 304, "{path}");
+        assert_eq!(nm.header("ETag"), Some(tag.as_str()));
+        let h = [("If-None-Match", tag.as_str())];
+        assert_eq!(s.get_with(path, &h).status, 200, "{path}");
+        // A coding refused with q=0 gets the plain document.
+        let refused = s.get_with(path, &[("Accept-Encoding", "gzip;q=0")]);
+        assert_eq!(refused.header("Content-Encoding"), None);
+        assert_eq!(refused.body, plain.body);
+    }
+}

@@ -172,8 +172,8 @@ fn newer_schema_is_refused_with_a_clear_message() {
     let w = s.writer_token();
     s.publish_image(&w, "img", "1.0", b"disk", b"meta");
     s.kill9();
-    assert_eq!(schema_version(&s.db_path()), 2);
-    set_schema_version(&s.db_path(), 3);
+    assert_eq!(schema_version(&s.db_path()), 3);
+    set_schema_version(&s.db_path(), 4);
 
     let mut child = Command::new(binary())
         .arg("serve")
@@ -200,12 +200,12 @@ fn newer_schema_is_refused_with_a_clear_message() {
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains("database schema version 3 is newer than this imgsrv supports (schema 2)"),
+        stderr.contains("database schema version 4 is newer than this imgsrv supports (schema 3)"),
         "{stderr}"
     );
     assert!(!stderr.contains("listening on"), "{stderr}");
     // The refused file keeps its schema version: nothing was "upgraded" or rewritten.
-    assert_eq!(schema_version(&s.db_path()), 3);
+    assert_eq!(schema_version(&s.db_path()), 4);
 }
 
 fn schema_version(db: &Path) -> u64 {
@@ -218,4 +218,111 @@ fn schema_version(db: &Path) -> u64 {
         .unwrap()
         .unwrap()
         .value()
+}
+
+/// Writes parts the way schema 2 stored them into a stopped server's database: chunks keyed
+/// by their sha256 (with reference counts, read checksums and the `meta` counters), part
+/// records `u64 size | sha256 of the part | u32 n | n x (chunk sha256, u32 length)`, and
+/// schema version 2.
+fn write_schema2_parts(db: &Path, upload: &str, parts: &[&[u8]]) {
+    use redb::{ReadableTable, TableDefinition};
+    use sha2::{Digest, Sha256};
+    const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
+    const REFS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_refs");
+    const SUMS: TableDefinition<&[u8; 32], u128> = TableDefinition::new("chunk_sums");
+    const PARTS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("upload_parts");
+    const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+    let id = uuid_u128(upload);
+    let db = redb::Database::open(db).expect("opening the database");
+    let txn = db.begin_write().unwrap();
+    {
+        let (mut chunks, mut refs, mut sums) = (
+            txn.open_table(CHUNKS).unwrap(),
+            txn.open_table(REFS).unwrap(),
+            txn.open_table(SUMS).unwrap(),
+        );
+        let (mut parts_t, mut meta) = (
+            txn.open_table(PARTS).unwrap(),
+            txn.open_table(META).unwrap(),
+        );
+        let (mut count, mut stored) = (0u64, 0u64);
+        for (i, part) in parts.iter().enumerate() {
+            let mut record = (part.len() as u64).to_be_bytes().to_vec();
+            record.extend_from_slice(&Sha256::digest(part));
+            let pieces: Vec<&[u8]> = part.chunks(CHUNK_SIZE).collect();
+            record.extend_from_slice(&(pieces.len() as u32).to_be_bytes());
+            for c in pieces {
+                let key: [u8; 32] = Sha256::digest(c).into();
+                let n = refs.get(&key).unwrap().map(|v| v.value()).unwrap_or(0);
+                if n == 0 {
+                    chunks.insert(&key, c).unwrap();
+                    sums.insert(&key, twox_hash::XxHash3_128::oneshot(c))
+                        .unwrap();
+                    count += 1;
+                    stored += c.len() as u64;
+                }
+                refs.insert(&key, n + 1).unwrap();
+                record.extend_from_slice(&key);
+                record.extend_from_slice(&(c.len() as u32).to_be_bytes());
+            }
+            parts_t
+                .insert((id, i as u32 + 1), record.as_slice())
+                .unwrap();
+        }
+        for (k, d) in [("chunk_count", count), ("chunk_bytes", stored)] {
+            let now = meta.get(k).unwrap().map(|v| v.value()).unwrap_or(0);
+            meta.insert(k, now + d).unwrap();
+        }
+        meta.insert("schema_version", 2).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+fn uuid_u128(id: &str) -> u128 {
+    u128::from_str_radix(&id.replace('-', ""), 16).unwrap()
+}
+
+/// An upload left unfinished by the schema-2 release (parts stored, not completed) survives
+/// the upgrade to schema 3: its parts keep their sha256 etags, which its client holds, and
+/// `complete` reads them back (they carry no hash state) and verifies the blob. The chunks keep
+/// their sha256 keys and are served and checked like new ones.
+#[test]
+fn schema2_unfinished_upload_completes_after_the_upgrade() {
+    let mut s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let w = s.writer_token();
+    let parts = [bytes(CHUNK_SIZE + 500, 91), bytes(3000, 92)];
+    let data = parts.concat();
+    let id = crate::storage::begin(&s, &w, &data);
+    s.kill9();
+    write_schema2_parts(&s.db_path(), &id, &[&parts[0], &parts[1]]);
+    s.restart();
+    assert!(
+        s.log_text()
+            .contains("upgrading database schema from 2 to 3"),
+        "{}",
+        s.log_text()
+    );
+    let metrics = crate::storage::metrics_addr(&s);
+    let listed: Vec<Value> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| json!({"number": i + 1, "etag": format!("\"{}\"", sha256_hex(p)), "size_bytes": p.len()}))
+        .collect();
+    let r = crate::storage::complete(&s, &w, &id, &listed);
+    assert_eq!(json_ok(&r, 200)["state"], "ready", "{}", r.text());
+    assert_eq!(
+        crate::storage::metric(&metrics, "imgsrv_upload_complete_rehashed_bytes_total"),
+        data.len() as f64
+    );
+    crate::storage::assert_downloads(&s, &data, &[parts[0].len()]);
+    // The same bytes uploaded now are stored under BLAKE3 keys, next to the old chunks.
+    let again = s.upload_parts(
+        &w,
+        &[&data[..], b"!"].concat(),
+        &[(1, 0..parts[0].len()), (2, parts[0].len()..data.len() + 1)],
+    );
+    assert_eq!(again["state"], "ready", "{again}");
+    let db = crate::storage::stop_and_read(&mut s);
+    db.check(true);
+    assert!(db.has_chunk(&crate::storage::chunk_hashes(&parts[0])[0]));
 }

@@ -4,8 +4,7 @@ use super::{App, HandlerResult, Object, json_body, require, uuid_param};
 use crate::http::{Request, Response, problem};
 use crate::store::Store;
 use crate::store::auth::ACTION_CONTENT_WRITE;
-use crate::store::chunks::CHUNK_SIZE;
-use crate::store::uploads::{BeginUpload, MAX_PART_SIZE};
+use crate::store::uploads::{BeginUpload, FeedError, MAX_PART_SIZE};
 use serde::Deserialize;
 use std::io::Read;
 use uuid::Uuid;
@@ -81,9 +80,9 @@ pub fn put_part(app: &App, req: &mut Request, id: &str, number: &str) -> Handler
     Ok(receive(req.body))
 }
 
-/// Streams a part body one chunk at a time into the store and answers with the part: memory per
-/// request is one chunk buffer, and each chunk is committed before the next byte is read from
-/// the socket.
+/// Streams a part body into the store through the part writer's pipeline and answers with the
+/// part: memory per request is a few chunk buffers, and each chunk is committed in its own short
+/// transaction while the next one is read from the socket.
 fn store_part(
     store: &Store,
     id: Uuid,
@@ -92,39 +91,15 @@ fn store_part(
     body: &mut dyn Read,
 ) -> HandlerResult {
     let mut writer = store.part_writer(id, number);
-    let mut buf = vec![0u8; CHUNK_SIZE.min(length as usize)];
-    let mut remaining = length;
-    while remaining > 0 {
-        let want = remaining.min(CHUNK_SIZE as u64) as usize;
-        read_full(body, &mut buf[..want]).map_err(|e| {
-            problem(
-                400,
-                &format!("reading part body: {e} ({remaining} bytes missing)"),
-            )
-        })?;
-        writer.write_chunk(&buf[..want])?;
-        remaining -= want as u64;
-    }
+    writer.write_from(body, length).map_err(|e| match e {
+        FeedError::Body { error, missing } => problem(
+            400,
+            &format!("reading part body: {error} ({missing} bytes missing)"),
+        ),
+        FeedError::Store(e) => e.into(),
+    })?;
     let part = writer.finish()?;
     Ok(Response::json(200, &part))
-}
-
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<()> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match r.read(&mut buf[filled..]) {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "body ended early",
-                ));
-            }
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 pub fn complete(app: &App, req: &mut Request, id: &str) -> HandlerResult {

@@ -45,9 +45,6 @@ impl Source for Upstream<'_> {
             left: len,
         }))
     }
-    fn check_parts(&self) -> bool {
-        true
-    }
 }
 
 /// Fails a body that ends before its length, so a cut download is never sent on as a short part

@@ -125,10 +125,6 @@ impl Source for FileSource {
         // A large buffer keeps the read calls few; the socket write is the slow side.
         Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
     }
-    fn check_parts(&self) -> bool {
-        // The whole blob is checked against the digest we computed at complete.
-        false
-    }
 }
 
 pub fn run(args: PushArgs) -> Result<()> {

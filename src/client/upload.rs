@@ -17,7 +17,7 @@ use super::progress::{Counting, Progress};
 use super::{Api, ClientError, Kind, Result, seg};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -35,11 +35,10 @@ pub struct BlobRef {
 /// Where a blob's bytes come from: any byte range on demand, so that parts can be sent in
 /// parallel and resent after a failure.
 pub trait Source: Sync {
-    /// A reader of exactly `len` bytes starting at `offset`.
+    /// A reader of exactly `len` bytes starting at `offset`. Parts are not checked one by one
+    /// (a part's etag is opaque): `complete` checks the whole blob against its sha256, on the
+    /// server, before it becomes usable.
     fn open(&self, offset: u64, len: u64) -> Result<Box<dyn Read + Send + '_>>;
-    /// Whether each part's bytes should be hashed on the way and checked against the etag the
-    /// server answers (worth it when the bytes come over a network).
-    fn check_parts(&self) -> bool;
 }
 
 /// How to upload.
@@ -314,20 +313,6 @@ fn send_parts(
     }
 }
 
-/// A reader that hashes what passes through it.
-struct Hashing<'a, R> {
-    inner: R,
-    hasher: &'a mut Sha256,
-}
-
-impl<R: Read> Read for Hashing<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-}
-
 /// Sends one part, retrying what may be passing trouble (a dropped connection, a restarting
 /// server) a few times. Returns the server's etag.
 fn send_part(
@@ -345,37 +330,16 @@ fn send_part(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut hasher = Sha256::new();
         let result = source.open(offset, len).and_then(|reader| {
             let counted = Counting {
                 inner: reader.take(len),
                 counter: progress.counter(),
             };
-            if source.check_parts() {
-                let hashing = Hashing {
-                    inner: counted,
-                    hasher: &mut hasher,
-                };
-                api.put_stream(&path, len, hashing)
-            } else {
-                api.put_stream(&path, len, counted)
-            }
+            api.put_stream(&path, len, counted)
         });
         let transient = match result {
             Ok(r) if r.status == 200 => {
                 let etag = r.json["etag"].as_str().unwrap_or_default().to_string();
-                if source.check_parts() {
-                    let ours: String = hasher
-                        .finalize()
-                        .iter()
-                        .map(|b| format!("{b:02x}"))
-                        .collect();
-                    if etag.trim_matches('"') != ours {
-                        return Err(Ok(ClientError::failed(format!(
-                            "part {n}: the server stored bytes with sha256 {etag}, we sent {ours}"
-                        ))));
-                    }
-                }
                 return Ok(etag);
             }
             Ok(r) if r.status == 412 || r.status == 404 => {

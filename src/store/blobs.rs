@@ -2,7 +2,7 @@
 //!
 //! Blob record layout (value of `BLOBS`), big-endian:
 //! `u8 layout version (1) | u64 size | i64 verified_at (unix seconds) | u16 media type length |
-//!  media type bytes | u32 chunk count | count x (32-byte chunk sha256, u32 chunk length)`.
+//!  media type bytes | u32 chunk count | count x (32-byte chunk key, u32 chunk length)`.
 
 use super::chunks::{self, ChunkRef};
 use super::refcount::BlobRefs;
@@ -219,7 +219,7 @@ fn read_error(e: redb::StorageError) -> io::Error {
 }
 
 /// Streams a byte range of a blob, verifying each chunk against its stored checksum (or, for a
-/// chunk without one, its sha256) before any of its bytes are written.
+/// chunk without one, its key) before any of its bytes are written.
 pub struct BlobReader {
     chunks: ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
     /// `None` when the caller verifies the whole instead (assembling an upload).
@@ -281,7 +281,9 @@ impl BlobReader {
         let sum = sums.get(hash).map_err(read_error)?;
         Ok(match sum {
             Some(sum) => chunks::checksum(data) == sum.value(),
-            None => Sha256::digest(data).as_slice() == hash,
+            // No stored sum: check the key itself, which is the chunk's BLAKE3 (schema 3 on)
+            // or its sha256 (chunks stored before).
+            None => chunks::key_matches(hash, data),
         })
     }
 

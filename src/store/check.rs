@@ -1,7 +1,7 @@
 //! `imgsrv check`: verifies a stopped database (or a backup copy) from one read transaction.
 //!
 //! What is checked, and why each matters:
-//! - every chunk's bytes against its sha256 (its key) and its stored xxh3 sum, its length, and
+//! - every chunk's bytes against its key (BLAKE3, or sha256 for chunks stored before schema 3) and its stored xxh3 sum, its length, and
 //!   the `meta` counters of chunks and bytes (metrics and space estimates rely on them);
 //! - every chunk reference count against the references actually held by blob chunk lists,
 //!   upload parts and staging rows (a count too low deletes bytes still in use, one too high
@@ -27,7 +27,6 @@ use crate::digest::hex;
 use crate::error::Result;
 use crate::model::*;
 use redb::{ReadTransaction, ReadableTable};
-use sha2::{Digest as _, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 
@@ -51,7 +50,7 @@ struct State {
     report: Report,
     /// Stored chunks and their lengths.
     chunks: BTreeMap<Hash, usize>,
-    /// Chunks whose bytes do not match their sha256.
+    /// Chunks whose bytes do not match their key (BLAKE3, or sha256 before schema 3).
     damaged: Vec<Hash>,
     /// References held by blob chunk lists, parts and staging rows.
     chunk_uses: BTreeMap<Hash, u64>,
@@ -154,7 +153,7 @@ pub(crate) fn check_txn(txn: &ReadTransaction, progress: &mut dyn FnMut(u64, u64
             s.report.chunks += 1;
             s.report.chunk_bytes += data.len() as u64;
             s.chunks.insert(hash, data.len());
-            let sha_ok = Sha256::digest(data).as_slice() == hash;
+            let sha_ok = chunks::key_matches(&hash, data);
             if !sha_ok {
                 s.damaged.push(hash);
             }
@@ -251,10 +250,9 @@ pub(crate) fn check_txn(txn: &ReadTransaction, progress: &mut dyn FnMut(u64, u64
                 Some(state) => s.problem(format!("{what} is kept although the session is {state}")),
                 None => s.problem(format!("{what} belongs to no upload session")),
             }
-            let b = v.value();
-            match b.get(40..).map(chunks::decode_list) {
-                Some(Ok((list, _))) => list_uses(s, &list, &what),
-                _ => s.problem(format!("{what}: its record is unreadable")),
+            match super::uploads::PartRecord::decode(v.value()) {
+                Ok(part) => list_uses(s, &part.chunks, &what),
+                Err(_) => s.problem(format!("{what}: its record is unreadable")),
             }
         }
         for row in txn.open_table(STAGING)?.iter()? {
@@ -291,7 +289,7 @@ pub(crate) fn check_txn(txn: &ReadTransaction, progress: &mut dyn FnMut(u64, u64
             _ => Vec::new(),
         };
         s.problem(format!(
-            "chunk {}: its stored bytes do not match its sha256{}",
+            "chunk {}: its stored bytes do not match its key{}",
             hex(&hash),
             describe_users(&users)
         ));

@@ -7,7 +7,7 @@
 
 use super::tables::*;
 use crate::error::{Error, Result};
-use redb::{Table, WriteTransaction};
+use redb::{ReadableTable, Table, WriteTransaction};
 
 /// Brings a database at schema `found` up to `SCHEMA_VERSION`, recording the new version in
 /// `meta`. Does nothing when the file is already current.
@@ -32,6 +32,7 @@ pub(crate) fn upgrade(
     while at < SCHEMA_VERSION {
         match at {
             1 => to_2(txn)?,
+            2 => to_3(txn)?,
             _ => unreachable!("every schema below SCHEMA_VERSION has an upgrade step"),
         }
         at += 1;
@@ -53,5 +54,25 @@ pub(crate) fn upgrade(
 fn to_2(txn: &WriteTransaction) -> Result<()> {
     txn.open_table(RETENTION)?;
     txn.open_table(RETIRED)?;
+    Ok(())
+}
+
+/// Schema 2 -> 3: hash once. New chunks are keyed by BLAKE3 instead of sha256; stored chunks
+/// keep their sha256 keys, which stay valid identities (a key is opaque once stored: lists name
+/// chunks by it and reads check chunks against their xxh3-128 sums), so no chunk is rewritten.
+/// Part records gain a layout byte and the carried sha256 states: each stored part of an
+/// unfinished upload is rewritten with its sha256 as its etag (so the etags its client holds
+/// still complete it) and no states (so `complete` reads it back).
+fn to_3(txn: &WriteTransaction) -> Result<()> {
+    use super::uploads::PartRecord;
+    let mut parts = txn.open_table(PARTS)?;
+    let mut rewritten = Vec::new();
+    for row in parts.iter()? {
+        let (k, v) = row?;
+        rewritten.push((k.value(), PartRecord::decode_schema2(v.value())?.encode()));
+    }
+    for (k, v) in rewritten {
+        parts.insert(k, v.as_slice())?;
+    }
     Ok(())
 }

@@ -119,6 +119,17 @@ macro_rules! retired_id_impl {
 retired_id_impl!(redb::ReadTransaction);
 retired_id_impl!(WriteTransaction);
 
+/// The same lookup in an already opened table, for readers that check many versions.
+impl RetiredRead for redb::ReadOnlyTable<(u128, &'static str), &'static [u8]> {
+    fn retired_id(&self, image: Uuid, version: &str) -> Result<Option<Uuid>> {
+        let Some(v) = redb::ReadableTable::get(self, (image.as_u128(), version))? else {
+            return Ok(None);
+        };
+        let r: RetiredVersion = decode(v.value(), "retired version")?;
+        Ok(Some(r.version_id))
+    }
+}
+
 /// Refuses to create a version whose name was retired: published content under a name never
 /// changes, and a client holding an old index would otherwise get different bytes.
 pub(crate) fn check_name_not_retired(

@@ -8,7 +8,6 @@ use super::chunks;
 use super::tables::{CHUNK_SUMS, CHUNKS, META};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use sha2::{Digest, Sha256};
 use std::ops::Bound;
 use std::time::{Duration, Instant};
 
@@ -60,8 +59,8 @@ impl Store {
             for row in table.range::<&[u8; 32]>((start, Bound::Unbounded))? {
                 let (k, v) = row?;
                 let (hash, data) = (*k.value(), v.value());
-                let what = if Sha256::digest(data).as_slice() != hash {
-                    Some("its stored bytes do not match its sha256")
+                let what = if !chunks::key_matches(&hash, data) {
+                    Some("its stored bytes do not match its key")
                 } else {
                     match sums.get(&hash)?.map(|s| s.value()) {
                         Some(sum) if sum == chunks::checksum(data) => None,

@@ -11,8 +11,8 @@ use super::tables::*;
 use super::{Store, decode, load};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
-use crate::model::{Image, IncusRow, VersionState};
-use redb::{ReadTransaction, ReadableTable};
+use crate::model::{Artifact, Attachment, Image, ImageVersion, IncusRow, VersionState};
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use std::collections::BTreeMap;
 use std::collections::btree_map::Entry;
 use uuid::Uuid;
@@ -94,13 +94,29 @@ impl Store {
     }
 }
 
+/// The tables the snapshot reads row by row, opened once per snapshot rather than once per
+/// Incus row (each open is a lookup in redb's table of tables).
+struct Tables {
+    images: ReadOnlyTable<u128, &'static [u8]>,
+    versions: ReadOnlyTable<u128, &'static [u8]>,
+    artifacts: ReadOnlyTable<u128, &'static [u8]>,
+    attachments: ReadOnlyTable<u128, &'static [u8]>,
+    retired: ReadOnlyTable<(u128, &'static str), &'static [u8]>,
+}
+
 fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
     let generation = txn
         .open_table(META)?
         .get("generation")?
         .map(|v| v.value())
         .unwrap_or(0);
-    let images = txn.open_table(IMAGES)?;
+    let t = Tables {
+        images: txn.open_table(IMAGES)?,
+        versions: txn.open_table(VERSIONS)?,
+        artifacts: txn.open_table(ARTIFACTS)?,
+        attachments: txn.open_table(ATTACHMENTS)?,
+        retired: txn.open_table(RETIRED)?,
+    };
     let mut found: BTreeMap<Uuid, SnapshotImage> = BTreeMap::new();
     // Version id -> (image id, version), or `None` for a version that is not published.
     let mut versions: BTreeMap<Uuid, Option<(Uuid, SnapshotVersion)>> = BTreeMap::new();
@@ -111,26 +127,25 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
         let incus: IncusRow = decode(value.value(), "incus row")?;
         let slot = match versions.entry(version_id) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(load_version(txn, &images, &mut found, version_id)?),
+            Entry::Vacant(e) => e.insert(load_version(&t, &mut found, version_id)?),
         };
         let Some((_, version)) = slot else {
             continue;
         };
-        let artifact = txn
-            .artifact(artifact_id)?
+        let artifact = load::<Artifact>(&t.artifacts, artifact_id.as_u128(), "artifact")?
             .filter(|a| a.version_id == version_id)
             .ok_or_else(|| {
                 Error::internal(format!("incus row names a missing artifact {artifact_id}"))
             })?;
-        let attachment = txn
-            .attachment(incus.attachment_id)?
-            .filter(|a| a.artifact_id == artifact_id)
-            .ok_or_else(|| {
-                Error::internal(format!(
-                    "incus row names a missing attachment {}",
-                    incus.attachment_id
-                ))
-            })?;
+        let attachment =
+            load::<Attachment>(&t.attachments, incus.attachment_id.as_u128(), "attachment")?
+                .filter(|a| a.artifact_id == artifact_id)
+                .ok_or_else(|| {
+                    Error::internal(format!(
+                        "incus row names a missing attachment {}",
+                        incus.attachment_id
+                    ))
+                })?;
         // The eligibility rule, applied again here so that the documents follow it whatever
         // rows exist.
         if !incus_format(&artifact.format) || attachment.name != INCUS_METADATA_NAME {
@@ -186,21 +201,20 @@ fn load_snapshot(txn: &ReadTransaction) -> Result<Snapshot> {
 /// version, so this only guards against a later change of that rule, but drafts and versions
 /// still publishing must never reach consumers.
 fn load_version(
-    txn: &ReadTransaction,
-    images: &impl ReadableTable<u128, &'static [u8]>,
+    t: &Tables,
     found: &mut BTreeMap<Uuid, SnapshotImage>,
     version_id: Uuid,
 ) -> Result<Option<(Uuid, SnapshotVersion)>> {
-    let v = txn.version_by_id(version_id)?.ok_or_else(|| {
+    let v: ImageVersion = load(&t.versions, version_id.as_u128(), "version")?.ok_or_else(|| {
         Error::internal(format!("incus row names a missing version {version_id}"))
     })?;
     // A retired version's rows are deleted when it is retired; the check keeps any other
     // per-version rows a later projection adds from reaching consumers after retirement.
-    if v.state != VersionState::Published || super::retire::is_retired(txn, &v)? {
+    if v.state != VersionState::Published || super::retire::is_retired(&t.retired, &v)? {
         return Ok(None);
     }
     if let Entry::Vacant(e) = found.entry(v.image_id) {
-        let image: Image = load(images, v.image_id.as_u128(), "image")?.ok_or_else(|| {
+        let image: Image = load(&t.images, v.image_id.as_u128(), "image")?.ok_or_else(|| {
             Error::internal(format!("version {version_id} names a missing image"))
         })?;
         e.insert(SnapshotImage {

@@ -5,8 +5,9 @@
 //! know, rather than leave it out of the copy).
 //!
 //! Conventions: UUIDs are keys as `u128` (big-endian order of the canonical form, so range
-//! scans over a prefix tuple work); digests are keys as their 32 raw sha256 bytes; catalog
-//! records are JSON (the wire form of API.md section 5, see `model.rs`); integers inside
+//! scans over a prefix tuple work); blob digests are keys as their 32 raw sha256 bytes, chunk
+//! keys are 32 bytes too (BLAKE3 of the chunk, or sha256 for chunks stored before schema 3); catalog
+//! records are JSON (the wire form of docs/api.md section 5, see `model.rs`); integers inside
 //! binary values are big-endian.
 
 use redb::TableDefinition;
@@ -14,25 +15,28 @@ use redb::TableDefinition;
 /// Bumped whenever a table layout changes. Checked at open: an older file is upgraded in place
 /// by `migrate.rs`, a newer one refuses to start.
 ///
-/// History: 1, the first release; 2 adds `RETENTION` and `RETIRED` (version retirement).
-pub const SCHEMA_VERSION: u64 = 2;
+/// History: 1, the first release; 2 adds `RETENTION` and `RETIRED` (version retirement); 3 keys
+/// new chunks by BLAKE3 and carries the blob's sha256 state in part records (hash once).
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// `"schema_version"` -> u64, `"generation"` -> u64 (bumped by every change that affects
 /// what consumers see in the catalog or Simple Streams).
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// sha256(chunk) -> the chunk's bytes (at most `CHUNK_SIZE`). Verified against the key
-/// whenever read.
+/// chunk key -> the chunk's bytes (at most `CHUNK_SIZE`). The key is the BLAKE3 hash of the
+/// bytes (schema 3 on; chunks stored before keep their sha256 keys, and the two never need to
+/// meet: finding a BLAKE3 output equal to a sha256 output of other bytes is as hard as any
+/// 256-bit collision). Verified against `CHUNK_SUMS` whenever read.
 pub const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
-/// sha256(chunk) -> number of references (blob chunk lists, upload parts, staging rows).
+/// chunk key -> number of references (blob chunk lists, upload parts, staging rows).
 /// The chunk row and this row are deleted together when the count reaches zero.
 pub const CHUNK_REFS: TableDefinition<&[u8; 32], u64> = TableDefinition::new("chunk_refs");
-/// sha256(chunk) -> XXH3-128 of the chunk's bytes (twox-hash, AVX2 chosen at run time), written and deleted with the chunk row.
+/// chunk key -> XXH3-128 of the chunk's bytes (twox-hash, AVX2 chosen at run time), written and deleted with the chunk row.
 /// Downloads verify chunks against this checksum: it catches any corruption of the stored
 /// bytes as surely as sha256 for our purpose (redb does not check its page checksums on
 /// ordinary reads) at a small fraction of the CPU, which sha256 dominated (57 % of a
-/// download's CPU, capping a core at about 1.3 GB/s). sha256 stays the chunk's identity and
-/// is checked on every write and by `complete`.
+/// download's CPU, capping a core at about 1.3 GB/s). The key stays the chunk's identity
+/// (computed from the bytes on every write); `complete` checks the whole blob's sha256.
 pub const CHUNK_SUMS: TableDefinition<&[u8; 32], u128> = TableDefinition::new("chunk_sums");
 
 /// sha256(blob) -> blob record (see `blobs.rs`: size, verification time, media type and the
@@ -46,9 +50,11 @@ pub const BLOB_REFS: TableDefinition<&[u8; 32], (u64, i64)> = TableDefinition::n
 
 /// upload id -> UploadSession JSON.
 pub const UPLOADS: TableDefinition<u128, &[u8]> = TableDefinition::new("uploads");
-/// (upload id, part number) -> part record (see `uploads.rs`: size, sha256, chunk list).
+/// (upload id, part number) -> part record (see `uploads.rs`: layout byte, size, etag, the
+/// blob's sha256 state before and after the part, chunk list). Rewritten by the schema-3
+/// upgrade.
 pub const PARTS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("upload_parts");
-/// (part write nonce, chunk index) -> 36-byte chunk reference (sha256 + u32 length) of a part
+/// (part write nonce, chunk index) -> 36-byte chunk reference (key + u32 length) of a part
 /// still streaming in. Each row holds one chunk reference. Rows left by a crash are released
 /// at the next start.
 pub const STAGING: TableDefinition<(u128, u32), &[u8; 36]> = TableDefinition::new("part_staging");

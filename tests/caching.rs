@@ -4,7 +4,7 @@
 
 use crate::util::*;
 use serde_json::{Value, json};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 /// Reads `path` twice and with `HEAD`, checks the headers every cacheable 200 carries and that
@@ -373,18 +373,7 @@ http {{
 "
             );
             std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-            let child = Command::new("nginx")
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(dir.path().join("nginx.conf"))
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawning nginx");
+            let child = spawn_nginx(dir.path());
             let mut n = Nginx {
                 dir,
                 child: Some(child),

@@ -193,7 +193,7 @@ fn full_disk_refuses_early_keeps_serving_and_recovers_without_restart() {
         data_dir,
         &["--disk-reserve", "8MiB", "--metrics-listen", "127.0.0.1:0"],
     );
-    let metrics = crate::metrics::metrics_addr(&s);
+    let metrics = metrics_addr(&s);
     let token = s.writer_token();
     assert!(
         s.data_dir().join("imgsrv.headroom").exists(),

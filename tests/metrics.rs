@@ -3,27 +3,6 @@
 use crate::util::*;
 use std::time::{Duration, Instant};
 
-pub fn metrics_addr(s: &Server) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(line) = s
-            .log_text()
-            .lines()
-            .find(|l| l.contains("metrics on http://"))
-        {
-            let rest =
-                &line[line.find("metrics on http://").unwrap() + "metrics on http://".len()..];
-            return rest.split('/').next().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics line in log:\n{}",
-            s.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Reads one sample value (exact series text before the value).
 pub fn sample(text: &str, series: &str) -> f64 {
     text.lines()

@@ -102,18 +102,7 @@ http {{
 "
             );
             std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
-            let child = Command::new("nginx")
-                .arg("-p")
-                .arg(dir.path())
-                .arg("-c")
-                .arg(dir.path().join("nginx.conf"))
-                .arg("-e")
-                .arg(dir.path().join("error.log"))
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawning nginx");
+            let child = spawn_nginx(dir.path());
             let mut n = Nginx {
                 dir,
                 child: Some(child),

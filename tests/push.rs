@@ -72,27 +72,6 @@ pub fn show(o: &Output) -> String {
     )
 }
 
-pub fn metrics_addr(s: &Server) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(line) = s
-            .log_text()
-            .lines()
-            .find(|l| l.contains("metrics on http://"))
-        {
-            let rest =
-                &line[line.find("metrics on http://").unwrap() + "metrics on http://".len()..];
-            return rest.split('/').next().unwrap().to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no metrics line:\n{}",
-            s.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Body bytes the server has received on upload parts so far (its own counter).
 pub fn part_bytes(metrics: &str) -> u64 {
     let text = raw_request(metrics, "GET", "/metrics", &[], None).text();

@@ -200,22 +200,6 @@ pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// The metrics address of a server started with `--metrics-listen 127.0.0.1:0` (the latest
-/// start's: the log keeps every run).
-pub fn metrics_addr(s: &Server) -> String {
-    let mut addr = String::new();
-    wait_until(10, "the server logs its metrics address", || {
-        let log = s.log_text();
-        let Some(i) = log.rfind("metrics on http://") else {
-            return false;
-        };
-        let rest = &log[i + "metrics on http://".len()..];
-        addr = rest.split(['/', ' ', '\n']).next().unwrap().to_string();
-        true
-    });
-    addr
-}
-
 /// One sample of an unlabelled series from the metrics endpoint.
 pub fn metric(metrics: &str, name: &str) -> f64 {
     let r = raw_request(metrics, "GET", "/metrics", &[], None);

@@ -302,7 +302,7 @@ fn schema2_unfinished_upload_completes_after_the_upgrade() {
         "{}",
         s.log_text()
     );
-    let metrics = crate::storage::metrics_addr(&s);
+    let metrics = metrics_addr(&s);
     let listed: Vec<Value> = parts
         .iter()
         .enumerate()

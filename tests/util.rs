@@ -379,6 +379,48 @@ pub struct Published {
     pub attachment_id: String,
 }
 
+/// Starts nginx with `prefix/nginx.conf` as its configuration and the prefix as its working
+/// directory (logs, pid and temp files stay in there). The caller stops it.
+pub fn spawn_nginx(prefix: &Path) -> Child {
+    Command::new("nginx")
+        .arg("-p")
+        .arg(prefix)
+        .arg("-c")
+        .arg(prefix.join("nginx.conf"))
+        .arg("-e")
+        .arg(prefix.join("error.log"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawning nginx")
+}
+
+/// The metrics listener's address, from the server's `metrics on http://...` log line (start the
+/// server with `--metrics-listen 127.0.0.1:0`).
+pub fn metrics_addr(s: &Server) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // The last such line: after a restart the listener has a new port.
+        if let Some(line) = s
+            .log_text()
+            .lines()
+            .rev()
+            .find(|l| l.contains("metrics on http://"))
+        {
+            let rest =
+                &line[line.find("metrics on http://").unwrap() + "metrics on http://".len()..];
+            return rest.split('/').next().unwrap().to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics line in log:\n{}",
+            s.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();

@@ -9,8 +9,8 @@
 use crate::push::*;
 use crate::util::*;
 use serde_json::{Value, json};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 const SHIPPED: &str = concat!(
@@ -149,35 +149,6 @@ impl Drop for Nginx {
     }
 }
 
-fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    (cert, key)
-}
-
 /// A GET through nginx with curl over TLS 1.3 (pinning the certificate): status, headers
 /// (lowercase names) and body.
 fn get(
@@ -250,7 +221,7 @@ fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
     let s = Server::start();
     let w = s.writer_token();
     let work = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed(work.path());
+    let (cert, key) = crate::util::self_signed_cert(work.path());
     let state = work.path().join("state");
     let disk = bytes(3 * CHUNK_SIZE + 17, 41);
     let one = image_dir(work.path(), "one", &disk, "x86_64");

@@ -500,31 +500,7 @@ fn push_over_tls_trusts_ca_cert() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let (cert, key) = (work.path().join("cert.pem"), work.path().join("key.pem"));
-    let st = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=localhost",
-            "-addext",
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout",
-        ])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let (cert, key) = crate::util::self_signed_cert(work.path());
     let (c, k) = (cert.display().to_string(), key.display().to_string());
     let s = Server::start_with(&["--tls-cert", &c, "--tls-key", &k]);
     let w = {

@@ -131,21 +131,9 @@ http {{
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(child) = self.child.take() {
+            stop_daemon(child);
         }
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
 
@@ -177,19 +165,12 @@ fn get(
         "curl {path}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let head = String::from_utf8_lossy(&out.stdout).into_owned();
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let hs = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+    let r = parse_response(&out.stdout, true);
+    let status = r.status;
+    let hs = r
+        .headers
+        .into_iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), v))
         .collect();
     let b = std::fs::read(&body).unwrap_or_default();
     (status, hs, b)

@@ -379,6 +379,23 @@ pub struct Published {
     pub attachment_id: String,
 }
 
+/// Stops a helper daemon (nginx): SIGTERM, which lets its master stop the workers, then SIGKILL
+/// if it lingers past ten seconds.
+pub fn stop_daemon(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// Starts nginx with `prefix/nginx.conf` as its configuration and the prefix as its working
 /// directory (logs, pid and temp files stay in there). The caller stops it.
 pub fn spawn_nginx(prefix: &Path) -> Child {

@@ -4,10 +4,10 @@
 //! `u8 layout version (1) | u64 size | i64 verified_at (unix seconds) | u16 media type length |
 //!  media type bytes | u32 chunk count | count x (32-byte chunk key, u32 chunk length)`.
 
+use super::Store;
 use super::chunks::{self, ChunkRef};
 use super::refcount::BlobRefs;
 use super::tables::{BLOB_REFS, BLOBS, CHUNK_SUMS, CHUNKS};
-use super::{Store, begin_write_scope};
 use crate::clock::Timestamp;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -177,7 +177,9 @@ impl Store {
             // A blob that cannot be collected (say, its record is unreadable) is logged and
             // skipped: failing the whole sweep would stop it at the same blob every time and
             // leave every blob after it on disk for good.
-            match begin_write_scope(self, |txn| collect_if_unused(txn, &digest, now)) {
+            match super::spending_headroom(self, "collect garbage", |txn| {
+                collect_if_unused(txn, &digest, now)
+            }) {
                 Ok(true) => deleted += 1,
                 Ok(false) => {}
                 Err(e) => crate::log::error(&format!(

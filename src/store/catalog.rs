@@ -345,7 +345,7 @@ impl Store {
     pub fn delete_artifact(&self, name: &str, version: &str, artifact_id: Uuid) -> Result<()> {
         check_image_name(name)?;
         check_version(version)?;
-        begin_write_scope(self, |txn| {
+        super::freeing_write_scope(self, "delete a draft artifact", |txn| {
             let (_, mut v, artifact) = Self::artifact_in(txn, name, version, artifact_id)?;
             require_draft(&v)?;
             for att in txn.attachments_of(artifact.id)? {
@@ -418,7 +418,7 @@ impl Store {
     ) -> Result<()> {
         check_image_name(name)?;
         check_version(version)?;
-        begin_write_scope(self, |txn| {
+        super::freeing_write_scope(self, "delete a draft attachment", |txn| {
             let (_, mut v, artifact) = Self::artifact_in(txn, name, version, artifact_id)?;
             let att = txn
                 .attachment(attachment_id)?

@@ -312,6 +312,44 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::internal(format!("encoding record: {e}")))
 }
 
+/// Runs a write that frees space (an abort, a delete, a retirement) and makes the pages it
+/// freed reusable at once (see [`spending_headroom`]).
+pub(crate) fn freeing_write_scope<T>(
+    store: &Store,
+    what: &str,
+    f: impl Fn(&WriteTransaction) -> Result<T>,
+) -> Result<T> {
+    let value = spending_headroom(store, what, f)?;
+    store.settle_freed_pages();
+    Ok(value)
+}
+
+/// Runs a write that frees space. Such a write must not be refused by the full disk it would
+/// relieve, yet its own commit needs a few pages, and whether redb finds them inside the file or
+/// must write past its allocated end depends on the page layout. So on "no space" it may spend
+/// the headroom file (recreated once there is room again): release it, reopen the database
+/// after the failed commit, and run `f` once more. Loops that free many things use this per
+/// item and settle the freed pages once at the end.
+pub(crate) fn spending_headroom<T>(
+    store: &Store,
+    what: &str,
+    f: impl Fn(&WriteTransaction) -> Result<T>,
+) -> Result<T> {
+    match begin_write_scope(store, &f) {
+        Err(e)
+            if e.kind == crate::error::Kind::InsufficientStorage
+                && store.space.release_headroom() =>
+        {
+            crate::log::warn(&format!(
+                "the disk is full: released the headroom file to {what}"
+            ));
+            store.recover();
+            begin_write_scope(store, &f)
+        }
+        r => r,
+    }
+}
+
 /// Runs `f` in a durable write transaction and commits it when `f` succeeds. An error aborts
 /// the transaction, so a failed operation leaves the data unchanged.
 pub(crate) fn begin_write_scope<T>(

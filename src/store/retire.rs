@@ -392,13 +392,20 @@ impl Store {
         for (image, version) in due {
             // One version per transaction, and a failure is logged and skipped, like garbage
             // collection: one unreadable record must not stop every later purge.
-            match begin_write_scope(self, |txn| purge_in(txn, image, &version, now)) {
+            match super::spending_headroom(self, "purge a retired version", |txn| {
+                purge_in(txn, image, &version, now)
+            }) {
                 Ok(()) => purged += 1,
                 Err(e) => crate::log::error(&format!(
                     "purging retired version {version:?} of image {} failed: {e}",
                     Uuid::from_u128(image)
                 )),
             }
+        }
+        // Purging drops the last references to blobs only the retired version used; make
+        // their pages reusable now, as collection does.
+        if purged > 0 {
+            self.settle_freed_pages();
         }
         Ok(purged)
     }

@@ -483,26 +483,7 @@ impl Store {
                 ))),
             }
         };
-        let session = match begin_write_scope(self, abort) {
-            // An abort frees space, but its own commit needs a few pages, and whether redb finds
-            // them inside the file or must write past its allocated end depends on the page
-            // layout. Refusing it on a full disk would keep the disk full, so it may spend the
-            // headroom file (recreated once there is room again): release it, reopen the
-            // database after the failed commit, and try once more.
-            Err(e)
-                if e.kind == crate::error::Kind::InsufficientStorage
-                    && self.space.release_headroom() =>
-            {
-                crate::log::warn(&format!(
-                    "the disk is full: released the headroom file to abort upload {id}"
-                ));
-                self.recover();
-                begin_write_scope(self, abort)?
-            }
-            r => r?,
-        };
-        self.settle_freed_pages();
-        Ok(session)
+        super::freeing_write_scope(self, &format!("abort upload {id}"), abort)
     }
 
     /// Moves expired sessions that are still taking parts to `aborted` and releases their
@@ -525,18 +506,19 @@ impl Store {
         };
         let mut n = 0;
         for id in expired {
-            begin_write_scope(self, |txn| {
+            let aborted = super::spending_headroom(self, "abort an expired upload", |txn| {
                 let mut s = load_session(txn, id)?;
-                if matches!(s.state, UploadState::Created | UploadState::Uploading)
-                    && s.expires_at <= now
+                if !(matches!(s.state, UploadState::Created | UploadState::Uploading)
+                    && s.expires_at <= now)
                 {
-                    s.state = UploadState::Aborted;
-                    drop_parts(txn, id)?;
-                    store_session(txn, &s)?;
-                    n += 1;
+                    return Ok(false);
                 }
-                Ok(())
+                s.state = UploadState::Aborted;
+                drop_parts(txn, id)?;
+                store_session(txn, &s)?;
+                Ok(true)
             })?;
+            n += usize::from(aborted);
         }
         if n > 0 {
             self.settle_freed_pages();

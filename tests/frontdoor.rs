@@ -559,15 +559,7 @@ fn tls_port_survives_garbage_and_speaks_tls13() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
-    let (cert, key) = self_signed_cert(d);
-    let s = Server::start_with(&[
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-        "--header-timeout",
-        "2s",
-    ]);
+    let (s, cert) = Server::start_tls(d, &["--header-timeout", "2s"]);
 
     // Garbage, a plain-text request, and a client that sends nothing: each is closed without
     // an HTTP answer (at most a TLS alert), and the process lives on.
@@ -1214,13 +1206,7 @@ fn curl_waiting_for_100_continue_is_answered_at_once() {
     );
     drop(s);
 
-    let (cert, key) = self_signed_cert(d);
-    let s = Server::start_with(&[
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let (s, cert) = Server::start_tls(d, &[]);
     let (got, sent, took) = curl_expect_put(
         &url(&s.addr, "https", &id),
         Some(&cert),

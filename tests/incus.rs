@@ -547,14 +547,8 @@ fn incusd_copies_a_published_image_and_stores_its_fingerprint() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed_cert(work.path());
     let f = fixture(work.path(), "copy", "x86_64", 64);
-    let s = Server::start_with(&[
-        "--tls-cert",
-        &cert.display().to_string(),
-        "--tls-key",
-        &key.display().to_string(),
-    ]);
+    let (s, cert) = Server::start_tls(work.path(), &[]);
     let api = TlsApi::new(&s, &cert);
     api.publish(
         "copytest",

@@ -159,17 +159,11 @@ fn incusd_launches_containers_and_follows_a_moved_alias() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed_cert(work.path());
     let meta = fixture(work.path(), "meta", "x86_64", 1).meta;
     let root1 = rootfs(work.path(), "v1", "imgsrv-launch-1.0");
     let root2 = rootfs(work.path(), "v2", "imgsrv-launch-2.0");
     let (fp1, fp2) = (combined(&meta, &root1), combined(&meta, &root2));
-    let s = Server::start_with(&[
-        "--tls-cert",
-        &cert.display().to_string(),
-        "--tls-key",
-        &key.display().to_string(),
-    ]);
+    let (s, cert) = Server::start_tls(work.path(), &[]);
     let api = TlsApi::new(&s, &cert);
     api.publish("bb", "1.0", &[("squashfs", &root1, &meta, Value::Null)]);
     api.put_alias("bb", "latest", "1.0");
@@ -226,15 +220,9 @@ fn incusd_launches_the_container_of_a_unified_image() {
         return;
     };
     let work = tempfile::tempdir().unwrap();
-    let (cert, key) = self_signed_cert(work.path());
     let vm = fixture(work.path(), "vm", "x86_64", 64);
     let root = rootfs(work.path(), "ct", "imgsrv-unified");
-    let s = Server::start_with(&[
-        "--tls-cert",
-        &cert.display().to_string(),
-        "--tls-key",
-        &key.display().to_string(),
-    ]);
+    let (s, cert) = Server::start_tls(work.path(), &[]);
     let api = TlsApi::new(&s, &cert);
     api.publish(
         "uni",

@@ -500,9 +500,8 @@ fn push_over_tls_trusts_ca_cert() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let (cert, key) = crate::util::self_signed_cert(work.path());
-    let (c, k) = (cert.display().to_string(), key.display().to_string());
-    let s = Server::start_with(&["--tls-cert", &c, "--tls-key", &k]);
+    let (s, cert) = Server::start_tls(work.path(), &[]);
+    let c = cert.display().to_string();
     let w = {
         // Tokens are made over plain HTTP by the helpers; this server speaks TLS only, so
         // read the bootstrap token and make a writer with the client's own HTTP stack: curl.

@@ -68,6 +68,17 @@ impl Server {
         s
     }
 
+    /// Starts serving TLS only, with a fresh self-signed certificate for localhost and
+    /// 127.0.0.1 made in `dir`, plus `extra` flags. Returns the server and the certificate a
+    /// client must trust.
+    pub fn start_tls(dir: &Path, extra: &[&str]) -> (Server, PathBuf) {
+        let (cert, key) = self_signed_cert(dir);
+        let (c, k) = (cert.display().to_string(), key.display().to_string());
+        let mut args = vec!["--tls-cert", c.as_str(), "--tls-key", k.as_str()];
+        args.extend_from_slice(extra);
+        (Server::start_with(&args), cert)
+    }
+
     /// SIGTERM, then waits for the exit (a clean stop closes the database).
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -102,6 +102,9 @@ pub struct BackupArgs {
     /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
     #[argh(option)]
     pub data_dir: Option<String>,
+    /// at most this many bytes a second, e.g. 200MiB, to leave the disk to downloads (default: as fast as the disk goes)
+    #[argh(option)]
+    pub rate: Option<String>,
     /// the file to write (must not exist), or an existing directory to write imgsrv.redb into
     #[argh(positional)]
     pub out: String,

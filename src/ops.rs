@@ -1,10 +1,10 @@
 //! The operator commands beside `serve`: `imgsrv backup`, `imgsrv check` and
 //! `imgsrv compact`. Reports go to stdout, progress (on a terminal) and errors to stderr.
 //!
-//! `backup` asks a running server for a dump over its admin socket (`crate::admin`); with no
-//! server running it opens the database itself and runs the same dump. Either way the stream
-//! is restored into `OUT.partial`, made durable, and renamed to `OUT`, so `OUT` never names a
-//! half-written copy. `check` and `compact` need the server stopped; they refuse clearly when
+//! `backup` creates `OUT.partial` and has it written: by the running server, which it hands
+//! the file over the admin socket (`crate::admin`), or, with no server running, by opening the
+//! database itself and running the same copy. The finished copy is durable before it is
+//! renamed to `OUT`, so `OUT` never names a half-written copy. `check` and `compact` need the server stopped; they refuse clearly when
 //! it is not.
 
 use crate::admin;
@@ -13,7 +13,8 @@ use crate::config;
 use crate::daemon::Failure;
 use crate::store::DB_FILE;
 use crate::store::backup::{self, Offline, OfflineError};
-use std::io::{BufReader, BufWriter, IsTerminal, Write};
+use std::fs::File;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -142,6 +143,18 @@ fn backup_target(out: &str) -> Result<PathBuf, Failure> {
 /// `imgsrv backup --data-dir DIR OUT`.
 pub fn backup(a: BackupArgs) -> Result<(), Failure> {
     let dir = config::data_dir(a.data_dir);
+    let rate = match a.rate.as_deref() {
+        None => None,
+        Some(r) => match config::parse_size(r) {
+            Some(n) if n > 0 => Some(n),
+            _ => {
+                return Err(Failure {
+                    message: format!("--rate {r:?} is not a size a second such as 200MiB or 1GiB"),
+                    exit_code: 2,
+                });
+            }
+        },
+    };
     let out = backup_target(&a.out)?;
     let mut tmp = out.clone().into_os_string();
     tmp.push(".partial");
@@ -150,15 +163,28 @@ pub fn backup(a: BackupArgs) -> Result<(), Failure> {
     let _ = std::fs::remove_file(&tmp);
     let started = Instant::now();
     let mut progress = Progress::new("backup");
-    let (source, result) = match admin::connect(&dir) {
-        Ok(Some(conn)) => ("the running server", from_server(conn, &tmp, &mut progress)),
-        Ok(None) => ("the stopped database", from_file(&dir, &tmp, &mut progress)),
-        Err(e) => {
-            return Err(fail(format!(
-                "cannot reach the admin socket of {}: {e}",
-                dir.display()
-            )));
-        }
+    let conn = admin::connect(&dir).map_err(|e| {
+        fail(format!(
+            "cannot reach the admin socket of {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| fail(format!("cannot create {}: {e}", tmp.display())))?;
+    let (source, result) = match conn {
+        Some(conn) => (
+            "the running server",
+            admin::request_backup(conn, &file, rate, &mut |d, t| progress.update(d, t))
+                .map_err(fail),
+        ),
+        None => (
+            "the stopped database",
+            from_file(&dir, file, rate, &mut progress),
+        ),
     };
     progress.finish();
     let summary = match result.and_then(|s| publish(&tmp, &out).map(|_| s)) {
@@ -182,45 +208,20 @@ pub fn backup(a: BackupArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn from_server(
-    mut conn: std::os::unix::net::UnixStream,
-    tmp: &Path,
+fn from_file(
+    dir: &Path,
+    file: File,
+    rate: Option<u64>,
     progress: &mut Progress,
 ) -> Result<backup::Summary, Failure> {
-    // A larger socket buffer lets the server stream whole chunks between our reads.
-    let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&conn, 4 << 20);
-    conn.write_all(admin::BACKUP_REQUEST.as_bytes())
-        .map_err(|e| fail(format!("asking the server for a backup: {e}")))?;
-    let mut input = BufReader::with_capacity(crate::store::backup::STREAM_BUFFER, conn);
-    backup::restore(&mut input, tmp, &mut |d, t| progress.update(d, t)).map_err(|e| fail(e.detail))
-}
-
-fn from_file(dir: &Path, tmp: &Path, progress: &mut Progress) -> Result<backup::Summary, Failure> {
     let hint = "If no server runs, another command may hold it; try again when it has finished.";
     let db = open_offline(dir, false, "a backup without the server", hint)?;
-    let (reader, writer) =
-        std::io::pipe().map_err(|e| fail(format!("cannot create a pipe: {e}")))?;
-    // A pipe holds 64 KiB by default: a chunk would take 16 round trips between the threads.
-    // The largest an unprivileged process may ask for is 1 MiB by default; less is fine too.
-    let _ = rustix::pipe::fcntl_setpipe_size(&writer, 1 << 20);
-    // The same dump the server would stream, through a pipe into the same restore.
-    std::thread::scope(|scope| {
-        let dumper = scope.spawn(|| {
-            let mut w = BufWriter::with_capacity(crate::store::backup::STREAM_BUFFER, writer);
-            db.dump(&mut w)
-        });
-        let mut input = BufReader::with_capacity(crate::store::backup::STREAM_BUFFER, reader);
-        let restored = backup::restore(&mut input, tmp, &mut |d, t| progress.update(d, t));
-        // Unblocks a dumper still writing when the restore failed.
-        drop(input);
-        let dumped = dumper.join();
-        match (restored, dumped) {
-            (Ok(s), Ok(Ok(_))) => Ok(s),
-            (_, Ok(Err(e))) => Err(fail(e.detail)),
-            (Err(e), _) => Err(fail(e.detail)),
-            (Ok(_), Err(_)) => Err(fail("the dump thread panicked".into())),
-        }
-    })
+    let pace = backup::Pace {
+        rate,
+        progress: &mut |d, t| progress.update(d, t),
+        stop: &|| false,
+    };
+    db.backup_into(file, pace).map_err(|e| fail(e.detail))
 }
 
 /// Makes the finished copy durable under its final name.

@@ -80,6 +80,13 @@ fn backup_under_uploads_and_downloads_is_consistent() {
         &json!({"version": "2.0"}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.call(
+        "PUT",
+        "/v1/images/deb/retention",
+        &w,
+        &json!({"keep_last": 5}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
     // A draft and a blob that only an upload session holds are part of the data too.
     draft_with_artifact(&s, &w, "deb", "3.0-rc", &bytes(CHUNK_SIZE + 1, 4));
     let held = bytes(2 * CHUNK_SIZE, 5);
@@ -496,45 +503,121 @@ fn compaction_returns_the_space_of_a_retired_version() {
     );
 }
 
+/// Starts `imgsrv backup --rate RATE` of the server's data directory into `out`, in the
+/// background, and waits until the server has begun it.
+fn start_slow_backup(s: &Server, out: &Path, rate: &str) -> std::process::Child {
+    let before = s.log_text().matches("backup requested").count();
+    let child = Command::new(binary())
+        .args([
+            "backup",
+            "--rate",
+            rate,
+            "--data-dir",
+            path_str(s.data_dir()),
+            path_str(out),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(20, "the server to begin the backup", || {
+        s.log_text().matches("backup requested").count() > before
+    });
+    child
+}
+
 #[test]
-fn one_backup_at_a_time_and_shutdown_cuts_a_stalled_one() {
+fn one_backup_at_a_time_and_shutdown_cuts_a_running_one() {
     let mut s = Server::start();
     let w = s.writer_token();
-    s.upload(&w, &bytes(12 * CHUNK_SIZE, 51));
-    // A client that asks for a backup and then stops reading: the server blocks on the
-    // socket with its read transaction open.
-    let mut stalled =
-        std::os::unix::net::UnixStream::connect(s.data_dir().join("imgsrv-admin.sock")).unwrap();
-    std::io::Write::write_all(&mut stalled, b"backup v1\n").unwrap();
-    let mut magic = [0u8; 12];
-    std::io::Read::read_exact(&mut stalled, &mut magic).unwrap();
-    assert_eq!(&magic, b"imgsrv-dump\n");
-
+    let body = bytes(12 * CHUNK_SIZE, 51);
+    s.upload(&w, &body);
     let out = copy_dir();
-    let target = out.path().join("second.redb");
+
+    // A backup held to 1 MiB a second needs about 12 s for these 12 chunks.
+    let first = out.path().join("first.redb");
+    let running = start_slow_backup(&s, &first, "1MiB");
+    assert!(
+        s.log_text()
+            .contains("copying a snapshot of the database at up to 1048576 bytes a second"),
+        "{}",
+        s.log_text()
+    );
+    let second = out.path().join("second.redb");
     let (code, _, err) = imgsrv(&[
         "backup",
         "--data-dir",
         path_str(s.data_dir()),
-        path_str(&target),
+        path_str(&second),
     ]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("another backup is running"), "{err}");
-    assert!(!target.exists() && !out.path().join("second.redb.partial").exists());
+    assert!(!second.exists() && !out.path().join("second.redb.partial").exists());
 
-    // A shutdown does not wait for the stalled reader: the stream is cut, the socket removed.
+    // A shutdown does not wait for the backup: it stops, its client says so and leaves no
+    // file behind, and the socket is removed.
     let started = Instant::now();
     s.terminate();
     assert!(
         started.elapsed() < Duration::from_secs(10),
-        "shutdown waited for the stalled backup"
+        "shutdown waited for the backup"
     );
-    let mut rest = Vec::new();
-    let _ = std::io::Read::read_to_end(&mut stalled, &mut rest);
-    assert!(
-        rest.len() < 12 * CHUNK_SIZE,
-        "the stalled backup was not cut off"
-    );
+    let done = running.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(1), "{err}");
+    assert!(err.contains("shutting down"), "{err}");
+    assert!(!first.exists() && !out.path().join("first.redb.partial").exists());
     assert!(!s.data_dir().join("imgsrv-admin.sock").exists());
     assert!(s.log_text().contains("stopped cleanly"), "{}", s.log_text());
+}
+
+#[test]
+fn a_backup_whose_client_is_killed_stops_and_a_slow_one_completes() {
+    let s = Server::start();
+    let w = s.writer_token();
+    let body = bytes(6 * CHUNK_SIZE, 52);
+    let digest = s.upload(&w, &body);
+    let out = copy_dir();
+
+    // The server notices that its client is gone at its next progress report and lets go of
+    // the snapshot; a later backup is not refused as "another backup is running".
+    let killed = out.path().join("killed.redb");
+    let mut running = start_slow_backup(&s, &killed, "1MiB");
+    running.kill().unwrap();
+    running.wait().unwrap();
+    wait_until(10, "the server to end the backup", || {
+        s.log_text()
+            .contains("backup not finished: the client went away")
+    });
+
+    // A rate-limited backup that runs to the end is a whole copy.
+    let slow = out.path().join("imgsrv.redb");
+    let child = start_slow_backup(&s, &slow, "64MiB");
+    let done = child.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(String::from_utf8_lossy(&done.stdout).contains("(the running server)"));
+    assert_check_clean(out.path());
+    let copy = Server::start_in(out, &[]);
+    let r = copy.get(&format!("/v1/blobs/{digest}"));
+    assert_eq!(r.status, 200, "the copy lacks the blob");
+    assert!(r.body == body, "the copy's blob differs");
+
+    // A rate that is not a size is refused as a usage error, before anything is written.
+    let rejected = copy_dir();
+    let (code, _, err) = imgsrv(&[
+        "backup",
+        "--rate",
+        "fast",
+        "--data-dir",
+        path_str(s.data_dir()),
+        path_str(&rejected.path().join("x.redb")),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--rate \"fast\""), "{err}");
+    assert!(!rejected.path().join("x.redb").exists());
 }

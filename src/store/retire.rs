@@ -379,26 +379,20 @@ impl Store {
             }
             out
         };
-        let mut purged = 0;
-        for (image, version) in due {
-            // One version per transaction, and a failure is logged and skipped, like garbage
-            // collection: one unreadable record must not stop every later purge.
-            match super::spending_headroom(self, "purge a retired version", |txn| {
-                purge_in(txn, image, &version, now)
-            }) {
-                Ok(()) => purged += 1,
-                Err(e) => crate::log::error(&format!(
-                    "purging retired version {version:?} of image {} failed: {e}",
-                    Uuid::from_u128(image)
-                )),
-            }
-        }
-        // Purging drops the last references to blobs only the retired version used; make
-        // their pages reusable now, as collection does.
-        if purged > 0 {
-            self.settle_freed_pages();
-        }
-        Ok(purged)
+        // Purging drops the last references to blobs only the retired version used, so it frees
+        // space the way collection does: one version at a time, the pages settled at the end.
+        Ok(super::free_each(
+            self,
+            "purge a retired version",
+            &due,
+            |txn, (image, version)| purge_in(txn, *image, version, now).map(|()| true),
+            |(image, version)| {
+                format!(
+                    "purging retired version {version:?} of image {} failed",
+                    Uuid::from_u128(*image)
+                )
+            },
+        ))
     }
 }
 
@@ -448,8 +442,7 @@ mod tests {
     /// is refused, as is a draft; neither is changed.
     #[test]
     fn only_published_versions_can_be_retired() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.redb"), 1 << 20, 0).unwrap();
+        let (_dir, store) = crate::store::scratch_store();
         // An empty trusted blob, written directly: publish only checks that it exists.
         let digest = crate::digest::Digest::of(b"");
         let key = *digest.as_bytes();

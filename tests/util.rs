@@ -4,9 +4,11 @@
 //! steps (drafts, publishing, aliases, retention, tokens) one call each.
 #![allow(dead_code)]
 
+mod images;
 pub mod tables;
 mod tls;
 
+pub use images::{image_dir, incus_tar_xz};
 pub use tls::{ec_req, self_signed_cert, sign};
 
 use serde_json::{Value, json};

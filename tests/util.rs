@@ -5,10 +5,12 @@
 #![allow(dead_code)]
 
 mod images;
+mod nginx;
 pub mod tables;
 mod tls;
 
 pub use images::{image_dir, incus_tar_xz};
+pub use nginx::Nginx;
 pub use tls::{ec_req, self_signed_cert, sign};
 
 use serde_json::{Value, json};
@@ -187,6 +189,26 @@ impl Server {
 
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    /// How many request log lines name `route` (a route template) with `status`. A line is
+    /// written just after its response, so this waits up to five seconds for `at_least` of
+    /// them, then a moment longer so that a line too many shows too.
+    pub fn logged(&self, route: &str, status: u16, at_least: usize) -> usize {
+        let needle = format!("route={route} ");
+        let status = format!("status={status} ");
+        let count = || {
+            self.log_text()
+                .lines()
+                .filter(|l| l.contains(" request ") && l.contains(&needle) && l.contains(&status))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count() < at_least && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        count()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -548,23 +570,6 @@ pub fn stop_daemon(mut child: Child) {
     }
     let _ = child.kill();
     let _ = child.wait();
-}
-
-/// Starts nginx with `prefix/nginx.conf` as its configuration and the prefix as its working
-/// directory (logs, pid and temp files stay in there). The caller stops it.
-pub fn spawn_nginx(prefix: &Path) -> Child {
-    Command::new("nginx")
-        .arg("-p")
-        .arg(prefix)
-        .arg("-c")
-        .arg(prefix.join("nginx.conf"))
-        .arg("-e")
-        .arg(prefix.join("error.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawning nginx")
 }
 
 /// Polls `f` every 50 ms until it returns true; panics with `what` after `secs` seconds.

@@ -95,118 +95,147 @@ pub struct ServeArgs {
     pub scrub_rate: Option<String>,
 }
 
-/// Copy the database consistently into a new file, while the server runs or not.
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "backup")]
-pub struct BackupArgs {
-    /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
-    #[argh(option)]
-    pub data_dir: Option<String>,
-    /// at most this many bytes a second, e.g. 200MiB, to leave the disk to downloads (default: as fast as the disk goes)
-    #[argh(option)]
-    pub rate: Option<String>,
-    /// the file to write (must not exist), or an existing directory to write imgsrv.redb into
-    #[argh(positional)]
-    pub out: String,
+/// Declares a subcommand that opens the database file itself rather than asking a server:
+/// `--data-dir` (resolved as `serve` resolves it), then its own flags. The own fields pass
+/// through as raw tokens: argh tells `Option` and `Vec` fields apart by their tokens, which a
+/// `ty` fragment would hide from it.
+macro_rules! database_command {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident { $($own:tt)* }
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
+            #[argh(option)]
+            pub data_dir: Option<String>,
+            $($own)*
+        }
+    };
 }
 
-/// Verify a stopped database (or a backup): checksums, reference counts, catalog links.
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "check")]
-pub struct CheckArgs {
-    /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
-    #[argh(option)]
-    pub data_dir: Option<String>,
+database_command! {
+    /// Copy the database consistently into a new file, while the server runs or not.
+    #[derive(FromArgs, Debug)]
+    #[argh(subcommand, name = "backup")]
+    pub struct BackupArgs {
+        /// at most this many bytes a second, e.g. 200MiB, to leave the disk to downloads (default: as fast as the disk goes)
+        #[argh(option)]
+        pub rate: Option<String>,
+        /// the file to write (must not exist), or an existing directory to write imgsrv.redb into
+        #[argh(positional)]
+        pub out: String,
+    }
 }
 
-/// Return the space of deleted data to the filesystem (server stopped).
-#[derive(FromArgs, Debug)]
-#[argh(subcommand, name = "compact")]
-pub struct CompactArgs {
-    /// data directory holding the database (IMGSRV_DATA_DIR; default $STATE_DIRECTORY, else ./imgsrv-data)
-    #[argh(option)]
-    pub data_dir: Option<String>,
+database_command! {
+    /// Verify a stopped database (or a backup): checksums, reference counts, catalog links.
+    #[derive(FromArgs, Debug)]
+    #[argh(subcommand, name = "check")]
+    pub struct CheckArgs {}
 }
 
-/// Upload image files, describe them as a version, publish it and move aliases. The token is
-/// read from IMGSRV_TOKEN or --token-file (never a flag: it would show in the process list).
-/// Exit codes: 0 published or already published, 1 failure, 2 usage, 3 token refused,
-/// 4 conflict, 5 server disk full, 6 server unreachable.
-#[derive(FromArgs, Debug, Default)]
-#[argh(subcommand, name = "push")]
-pub struct PushArgs {
-    /// server URL, e.g. https://images.example.org
-    #[argh(option)]
-    pub server: String,
-    /// image name, e.g. debian-bookworm
-    #[argh(positional)]
-    pub image: String,
-    /// version name, e.g. 12.5.0
-    #[argh(positional)]
-    pub version: String,
-    /// files as distrobuilder names them (disk.qcow2, rootfs.squashfs, incus.tar.xz) or one directory holding them
-    #[argh(positional)]
-    pub paths: Vec<String>,
-    /// alias to point at the version once published (repeatable)
-    #[argh(option)]
-    pub alias: Vec<String>,
-    /// operating system (default: properties.os of incus.tar.xz's metadata.yaml)
-    #[argh(option)]
-    pub os: Option<String>,
-    /// architecture (default: the architecture in incus.tar.xz's metadata.yaml)
-    #[argh(option)]
-    pub arch: Option<String>,
-    /// artifact variant (default: default)
-    #[argh(option)]
-    pub variant: Option<String>,
-    /// file holding the API token (default: IMGSRV_TOKEN)
-    #[argh(option)]
-    pub token_file: Option<String>,
-    /// PEM certificate(s) to trust besides the system roots, e.g. a self-signed server's
-    #[argh(option)]
-    pub ca_cert: Option<String>,
-    /// upload part size in MiB (default 128)
-    #[argh(option, default = "128")]
-    pub part_size_mib: u64,
-    /// parts sent at once (default 4)
-    #[argh(option, default = "4")]
-    pub parallel: usize,
-    /// where resumable upload state is kept (default $XDG_STATE_HOME/imgsrv/uploads)
-    #[argh(option)]
-    pub state_dir: Option<String>,
+database_command! {
+    /// Return the space of deleted data to the filesystem (server stopped).
+    #[derive(FromArgs, Debug)]
+    #[argh(subcommand, name = "compact")]
+    pub struct CompactArgs {}
 }
 
-/// Copy published versions and aliases from one imgsrv to another (read anonymously from
-/// --from, written with the token from IMGSRV_TOKEN or --token-file to --to). Exit codes as
-/// for push.
-#[derive(FromArgs, Debug, Default)]
-#[argh(subcommand, name = "mirror")]
-pub struct MirrorArgs {
-    /// upstream server URL (read anonymously)
-    #[argh(option)]
-    pub from: String,
-    /// downstream server URL (written with the token)
-    #[argh(option)]
-    pub to: String,
-    /// only this image (repeatable; default: every image)
-    #[argh(option)]
-    pub image: Vec<String>,
-    /// only artifacts of this architecture (repeatable; default: every architecture)
-    #[argh(option)]
-    pub arch: Vec<String>,
-    /// file holding the downstream API token (default: IMGSRV_TOKEN)
-    #[argh(option)]
-    pub token_file: Option<String>,
-    /// PEM certificate(s) to trust besides the system roots, for either server
-    #[argh(option)]
-    pub ca_cert: Option<String>,
-    /// upload part size in MiB (default 128)
-    #[argh(option, default = "128")]
-    pub part_size_mib: u64,
-    /// parts copied at once (default 4)
-    #[argh(option, default = "4")]
-    pub parallel: usize,
-    /// where resumable upload state is kept (default $XDG_STATE_HOME/imgsrv/uploads)
-    #[argh(option)]
-    pub state_dir: Option<String>,
+/// Declares a client subcommand's flags: its own (passed through as `database_command!` passes
+/// them), then the five every uploading command shares and `client::push` and `client::mirror`
+/// read the same way (token, CA, part size, parallelism, state directory). argh has no flatten,
+/// so the shared flags are spliced in here rather than written out in each struct. Three of
+/// their help lines say what the command does with them, so the caller gives those.
+macro_rules! uploading_command {
+    (
+        $(#[$attr:meta])*
+        pub struct $name:ident { $($own:tt)* }
+        token_file = $token_doc:literal,
+        ca_cert = $ca_doc:literal,
+        parallel = $parallel_doc:literal,
+    ) => {
+        $(#[$attr])*
+        pub struct $name {
+            $($own)*
+            #[doc = $token_doc]
+            #[argh(option)]
+            pub token_file: Option<String>,
+            #[doc = $ca_doc]
+            #[argh(option)]
+            pub ca_cert: Option<String>,
+            /// upload part size in MiB (default 128)
+            #[argh(option, default = "128")]
+            pub part_size_mib: u64,
+            #[doc = $parallel_doc]
+            #[argh(option, default = "4")]
+            pub parallel: usize,
+            /// where resumable upload state is kept (default $XDG_STATE_HOME/imgsrv/uploads)
+            #[argh(option)]
+            pub state_dir: Option<String>,
+        }
+    };
+}
+
+uploading_command! {
+    /// Upload image files, describe them as a version, publish it and move aliases. The token is
+    /// read from IMGSRV_TOKEN or --token-file (never a flag: it would show in the process list).
+    /// Exit codes: 0 published or already published, 1 failure, 2 usage, 3 token refused,
+    /// 4 conflict, 5 server disk full, 6 server unreachable.
+    #[derive(FromArgs, Debug, Default)]
+    #[argh(subcommand, name = "push")]
+    pub struct PushArgs {
+        /// server URL, e.g. https://images.example.org
+        #[argh(option)]
+        pub server: String,
+        /// image name, e.g. debian-bookworm
+        #[argh(positional)]
+        pub image: String,
+        /// version name, e.g. 12.5.0
+        #[argh(positional)]
+        pub version: String,
+        /// files as distrobuilder names them (disk.qcow2, rootfs.squashfs, incus.tar.xz) or one directory holding them
+        #[argh(positional)]
+        pub paths: Vec<String>,
+        /// alias to point at the version once published (repeatable)
+        #[argh(option)]
+        pub alias: Vec<String>,
+        /// operating system (default: properties.os of incus.tar.xz's metadata.yaml)
+        #[argh(option)]
+        pub os: Option<String>,
+        /// architecture (default: the architecture in incus.tar.xz's metadata.yaml)
+        #[argh(option)]
+        pub arch: Option<String>,
+        /// artifact variant (default: default)
+        #[argh(option)]
+        pub variant: Option<String>,
+    }
+    token_file = "file holding the API token (default: IMGSRV_TOKEN)",
+    ca_cert = "PEM certificate(s) to trust besides the system roots, e.g. a self-signed server's",
+    parallel = "parts sent at once (default 4)",
+}
+
+uploading_command! {
+    /// Copy published versions and aliases from one imgsrv to another (read anonymously from
+    /// --from, written with the token from IMGSRV_TOKEN or --token-file to --to). Exit codes as
+    /// for push.
+    #[derive(FromArgs, Debug, Default)]
+    #[argh(subcommand, name = "mirror")]
+    pub struct MirrorArgs {
+        /// upstream server URL (read anonymously)
+        #[argh(option)]
+        pub from: String,
+        /// downstream server URL (written with the token)
+        #[argh(option)]
+        pub to: String,
+        /// only this image (repeatable; default: every image)
+        #[argh(option)]
+        pub image: Vec<String>,
+        /// only artifacts of this architecture (repeatable; default: every architecture)
+        #[argh(option)]
+        pub arch: Vec<String>,
+    }
+    token_file = "file holding the downstream API token (default: IMGSRV_TOKEN)",
+    ca_cert = "PEM certificate(s) to trust besides the system roots, for either server",
+    parallel = "parts copied at once (default 4)",
 }

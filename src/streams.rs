@@ -664,15 +664,28 @@ mod tests {
         }
     }
 
-    /// A squashfs (container) artifact sharing the metadata bytes of `artifact`'s fixtures.
-    fn container(n: u128, arch: &str, variant: &str, fp: char) -> SnapshotArtifact {
+    /// A VM artifact of the default variant, the common case.
+    fn vm(n: u128, arch: &str, fp: char) -> SnapshotArtifact {
+        artifact(n, arch, "default", fp)
+    }
+
+    /// A squashfs (container) artifact of the default variant sharing the metadata bytes of
+    /// `artifact`'s fixtures.
+    fn container(n: u128, arch: &str, fp: char) -> SnapshotArtifact {
         SnapshotArtifact {
             format: "squashfs".to_string(),
             disk_sha256: hex64('4'),
             disk_size: 500,
-            ..artifact(n, arch, variant, fp)
+            ..vm(n, arch, fp)
         }
     }
+
+    /// Publish times the fixtures use; a product's version key is the minute, e.g.
+    /// `20260102_03:04`.
+    const JAN1: &str = "2026-01-01T00:00:00Z";
+    const JAN2: &str = "2026-01-02T03:04:05Z";
+    const FEB1: &str = "2026-02-01T00:00:00Z";
+    const MAR1: &str = "2026-03-01T00:00:00Z";
 
     fn version(
         n: u128,
@@ -713,6 +726,16 @@ mod tests {
             generation: 7,
             images,
         }
+    }
+
+    /// Renders a catalog of one image, `img`, with no display name.
+    fn render_img(versions: Vec<SnapshotVersion>, aliases: &[(&str, u128)]) -> Rendered {
+        render(&snapshot(vec![image("img", None, versions, aliases)])).unwrap()
+    }
+
+    /// Renders `img` with one version, `1.0` (id 0x10), published at `JAN2`.
+    fn render_one(artifacts: Vec<SnapshotArtifact>, aliases: &[(&str, u128)]) -> Rendered {
+        render_img(vec![version(0x10, "1.0", JAN2, artifacts)], aliases)
     }
 
     fn parse(d: &Document) -> Value {
@@ -772,7 +795,7 @@ mod tests {
                 0x10,
                 "12.5.0",
                 "2026-05-11T05:24:59Z",
-                vec![artifact(0xa1, "x86_64", "default", '3')],
+                vec![vm(0xa1, "x86_64", '3')],
             )],
             &[("latest", 0x10)],
         )]);
@@ -849,21 +872,19 @@ mod tests {
 
     #[test]
     fn two_architectures_make_two_products() {
-        let s = snapshot(vec![image(
+        let versions = vec![version(
+            0x10,
+            "1.0",
+            JAN2,
+            vec![vm(0xa1, "x86_64", 'a'), vm(0xa2, "aarch64", 'b')],
+        )];
+        let r = render(&snapshot(vec![image(
             "img",
             Some("My Image"),
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-01-02T03:04:05Z",
-                vec![
-                    artifact(0xa1, "x86_64", "default", 'a'),
-                    artifact(0xa2, "aarch64", "default", 'b'),
-                ],
-            )],
+            versions,
             &[],
-        )]);
-        let r = render(&s).unwrap();
+        )]))
+        .unwrap();
         assert_eq!(
             parse(&r.index)["index"]["images"]["products"],
             json!(["img:1.0:amd64:default", "img:1.0:arm64:default"])
@@ -881,21 +902,8 @@ mod tests {
 
     #[test]
     fn non_default_variant_aliases_carry_the_variant() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-01-02T03:04:05Z",
-                vec![
-                    artifact(0xa1, "x86_64", "default", 'a'),
-                    artifact(0xa2, "x86_64", "cloud", 'b'),
-                ],
-            )],
-            &[("stable", 0x10)],
-        )]);
-        let r = render(&s).unwrap();
+        let cloud = artifact(0xa2, "x86_64", "cloud", 'b');
+        let r = render_one(vec![vm(0xa1, "x86_64", 'a'), cloud], &[("stable", 0x10)]);
         assert_eq!(
             aliases_of(&r, "img:1.0:amd64:default"),
             "img/1.0,img/stable"
@@ -909,22 +917,9 @@ mod tests {
 
     #[test]
     fn unknown_architecture_is_left_out_and_reported() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-01-02T03:04:05Z",
-                vec![
-                    artifact(0xa1, "x86_64", "default", 'a'),
-                    artifact(0xa2, "pdp11", "default", 'b'),
-                    artifact(0xa3, "X86_64", "cloud", 'c'),
-                ],
-            )],
-            &[],
-        )]);
-        let r = render(&s).unwrap();
+        let wrong_case = artifact(0xa3, "X86_64", "cloud", 'c');
+        let arts = vec![vm(0xa1, "x86_64", 'a'), vm(0xa2, "pdp11", 'b'), wrong_case];
+        let r = render_one(arts, &[]);
         assert_eq!(
             parse(&r.index)["index"]["images"]["products"],
             json!(["img:1.0:amd64:default"])
@@ -935,18 +930,7 @@ mod tests {
 
     #[test]
     fn only_unknown_architectures_give_an_empty_index() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-01-02T03:04:05Z",
-                vec![artifact(0xa1, "vax", "default", 'a')],
-            )],
-            &[("latest", 0x10)],
-        )]);
-        let r = render(&s).unwrap();
+        let r = render_one(vec![vm(0xa1, "vax", 'a')], &[("latest", 0x10)]);
         assert!(parse(&r.index)["index"]["images"].get("products").is_none());
         assert_eq!(parse(&r.images)["products"], json!({}));
     }
@@ -978,21 +962,7 @@ mod tests {
 
     #[test]
     fn same_architecture_under_two_names_is_one_product() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-01-02T03:04:05Z",
-                vec![
-                    artifact(0xa1, "x86_64", "default", 'a'),
-                    artifact(0xa2, "amd64", "default", 'b'),
-                ],
-            )],
-            &[],
-        )]);
-        let r = render(&s).unwrap();
+        let r = render_one(vec![vm(0xa1, "x86_64", 'a'), vm(0xa2, "amd64", 'b')], &[]);
         let p = products(&r);
         assert_eq!(p.len(), 1);
         // `amd64` sorts before `x86_64`, so that artifact keeps the product.
@@ -1006,33 +976,15 @@ mod tests {
 
     #[test]
     fn identical_bytes_are_one_product_with_merged_aliases() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
+        let r = render_img(
+            // Listed newest first on purpose: the renderer orders by publish time.
             vec![
-                // Listed newest first on purpose: the renderer orders by publish time.
-                version(
-                    0x12,
-                    "1.2",
-                    "2026-03-01T00:00:00Z",
-                    vec![artifact(0xa3, "x86_64", "default", 'f')],
-                ),
-                version(
-                    0x11,
-                    "1.1",
-                    "2026-02-01T00:00:00Z",
-                    vec![artifact(0xa2, "x86_64", "default", 'e')],
-                ),
-                version(
-                    0x10,
-                    "1.0",
-                    "2026-01-01T00:00:00Z",
-                    vec![artifact(0xa1, "x86_64", "default", 'e')],
-                ),
+                version(0x12, "1.2", MAR1, vec![vm(0xa3, "x86_64", 'f')]),
+                version(0x11, "1.1", FEB1, vec![vm(0xa2, "x86_64", 'e')]),
+                version(0x10, "1.0", JAN1, vec![vm(0xa1, "x86_64", 'e')]),
             ],
             &[("latest", 0x11), ("stable", 0x10)],
-        )]);
-        let r = render(&s).unwrap();
+        );
         let p = products(&r);
         assert_eq!(
             p.keys().collect::<Vec<_>>(),
@@ -1051,21 +1003,8 @@ mod tests {
 
     #[test]
     fn identical_bytes_of_a_variant_merge_with_the_variant_suffix() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-01-01T00:00:00Z",
-                vec![
-                    artifact(0xa1, "x86_64", "default", 'e'),
-                    artifact(0xa2, "x86_64", "cloud", 'e'),
-                ],
-            )],
-            &[],
-        )]);
-        let r = render(&s).unwrap();
+        let cloud = artifact(0xa2, "x86_64", "cloud", 'e');
+        let r = render_one(vec![vm(0xa1, "x86_64", 'e'), cloud], &[]);
         assert_eq!(products(&r).len(), 1);
         assert_eq!(
             aliases_of(&r, "img:1.0:amd64:default"),
@@ -1075,41 +1014,20 @@ mod tests {
 
     #[test]
     fn moving_an_alias_moves_it_between_products() {
-        let versions = || {
-            vec![
-                version(
-                    0x10,
-                    "1.0",
-                    "2026-01-01T00:00:00Z",
-                    vec![artifact(0xa1, "x86_64", "default", 'a')],
-                ),
-                version(
-                    0x11,
-                    "1.1",
-                    "2026-02-01T00:00:00Z",
-                    vec![artifact(0xa2, "x86_64", "default", 'b')],
-                ),
-            ]
+        let with_latest_at = |owner: u128| {
+            let versions = vec![
+                version(0x10, "1.0", JAN1, vec![vm(0xa1, "x86_64", 'a')]),
+                version(0x11, "1.1", FEB1, vec![vm(0xa2, "x86_64", 'b')]),
+            ];
+            render_img(versions, &[("latest", owner)])
         };
-        let before = render(&snapshot(vec![image(
-            "img",
-            None,
-            versions(),
-            &[("latest", 0x10)],
-        )]))
-        .unwrap();
+        let before = with_latest_at(0x10);
         assert_eq!(
             aliases_of(&before, "img:1.0:amd64:default"),
             "img/1.0,img/latest"
         );
         assert_eq!(aliases_of(&before, "img:1.1:amd64:default"), "img/1.1");
-        let after = render(&snapshot(vec![image(
-            "img",
-            None,
-            versions(),
-            &[("latest", 0x11)],
-        )]))
-        .unwrap();
+        let after = with_latest_at(0x11);
         assert_eq!(aliases_of(&after, "img:1.0:amd64:default"), "img/1.0");
         assert_eq!(
             aliases_of(&after, "img:1.1:amd64:default"),
@@ -1122,27 +1040,12 @@ mod tests {
 
     #[test]
     fn an_alias_named_like_a_version_yields_to_the_version() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![
-                version(
-                    0x10,
-                    "stable",
-                    "2026-01-01T00:00:00Z",
-                    vec![artifact(0xa1, "x86_64", "default", 'a')],
-                ),
-                version(
-                    0x11,
-                    "2.0",
-                    "2026-02-01T00:00:00Z",
-                    vec![artifact(0xa2, "x86_64", "default", 'b')],
-                ),
-            ],
-            // `stable` as an alias would claim `img/stable` a second time on amd64.
-            &[("stable", 0x11), ("latest", 0x11)],
-        )]);
-        let r = render(&s).unwrap();
+        let versions = vec![
+            version(0x10, "stable", JAN1, vec![vm(0xa1, "x86_64", 'a')]),
+            version(0x11, "2.0", FEB1, vec![vm(0xa2, "x86_64", 'b')]),
+        ];
+        // `stable` as an alias would claim `img/stable` a second time on amd64.
+        let r = render_img(versions, &[("stable", 0x11), ("latest", 0x11)]);
         assert_eq!(aliases_of(&r, "img:stable:amd64:default"), "img/stable");
         assert_eq!(
             aliases_of(&r, "img:2.0:amd64:default"),
@@ -1155,18 +1058,8 @@ mod tests {
     #[test]
     fn release_title_uses_display_name_unless_blank() {
         let one = |display: Option<&str>| {
-            let r = render(&snapshot(vec![image(
-                "img",
-                display,
-                vec![version(
-                    0x10,
-                    "1.0",
-                    "2026-01-01T00:00:00Z",
-                    vec![artifact(0xa1, "x86_64", "default", 'a')],
-                )],
-                &[],
-            )]))
-            .unwrap();
+            let versions = vec![version(0x10, "1.0", JAN1, vec![vm(0xa1, "x86_64", 'a')])];
+            let r = render(&snapshot(vec![image("img", display, versions, &[])])).unwrap();
             products(&r)["img:1.0:amd64:default"]["release_title"]
                 .as_str()
                 .unwrap()
@@ -1179,18 +1072,15 @@ mod tests {
 
     #[test]
     fn path_segments_are_escaped_and_aliases_are_not() {
-        let r = render(&snapshot(vec![image(
-            "img",
-            None,
+        let r = render_img(
             vec![version(
                 0x10,
                 "1.0+b1:2",
-                "2026-01-01T00:00:00Z",
-                vec![artifact(0xa1, "x86_64", "default", 'a')],
+                JAN1,
+                vec![vm(0xa1, "x86_64", 'a')],
             )],
             &[],
-        )]))
-        .unwrap();
+        );
         let p = &products(&r)["img:1.0+b1:2:amd64:default"];
         assert_eq!(p["aliases"], "img/1.0+b1:2");
         assert_eq!(p["release"], "1.0+b1:2");
@@ -1213,32 +1103,15 @@ mod tests {
                 version(
                     0x10,
                     "1",
-                    "2026-01-01T00:00:00Z",
-                    vec![
-                        artifact(0xa1, "x86_64", "default", 'a'),
-                        artifact(0xa2, "aarch64", "default", 'b'),
-                    ],
+                    JAN1,
+                    vec![vm(0xa1, "x86_64", 'a'), vm(0xa2, "aarch64", 'b')],
                 ),
-                version(
-                    0x11,
-                    "2",
-                    "2026-01-01T00:00:00Z",
-                    vec![artifact(0xa3, "x86_64", "default", 'a')],
-                ),
+                version(0x11, "2", JAN1, vec![vm(0xa3, "x86_64", 'a')]),
             ],
             &[("latest", 0x11)],
         );
-        let b = image(
-            "b",
-            None,
-            vec![version(
-                0x20,
-                "1",
-                "2026-01-01T00:00:00Z",
-                vec![artifact(0xb1, "x86_64", "default", 'c')],
-            )],
-            &[],
-        );
+        let b_versions = vec![version(0x20, "1", JAN1, vec![vm(0xb1, "x86_64", 'c')])];
+        let b = image("b", None, b_versions, &[]);
         let first = render(&snapshot(vec![a.clone(), b.clone()])).unwrap();
         let mut a2 = a;
         a2.versions.reverse();
@@ -1254,21 +1127,10 @@ mod tests {
 
     #[test]
     fn a_vm_and_a_container_of_one_version_share_a_product() {
-        let mut vm = artifact(0xa1, "x86_64", "default", 'a');
+        let mut vm = vm(0xa1, "x86_64", 'a');
         vm.incus_requirements
             .insert("secureboot".to_string(), "false".to_string());
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-05-11T05:24:59Z",
-                vec![vm, container(0xa2, "amd64", "default", 'c')],
-            )],
-            &[("latest", 0x10)],
-        )]);
-        let r = render(&s).unwrap();
+        let r = render_one(vec![vm, container(0xa2, "amd64", 'c')], &[("latest", 0x10)]);
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         let p = products(&r);
         assert_eq!(p.len(), 1);
@@ -1277,7 +1139,7 @@ mod tests {
         assert_eq!(product["requirements"], json!({"secureboot": "false"}));
         let base = "v1/images/img/versions/1.0/artifacts";
         assert_eq!(
-            product["versions"]["20260511_05:24"]["items"],
+            product["versions"]["20260102_03:04"]["items"],
             json!({
                 "disk-kvm.img": {
                     "ftype": "disk-kvm.img",
@@ -1305,19 +1167,8 @@ mod tests {
 
     #[test]
     fn a_container_alone_is_a_product_with_one_fingerprint() {
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-05-11T05:24:59Z",
-                vec![container(0xa2, "x86_64", "default", 'c')],
-            )],
-            &[],
-        )]);
-        let r = render(&s).unwrap();
-        let items = &products(&r)["img:1.0:amd64:default"]["versions"]["20260511_05:24"]["items"];
+        let r = render_one(vec![container(0xa2, "x86_64", 'c')], &[]);
+        let items = &products(&r)["img:1.0:amd64:default"]["versions"]["20260102_03:04"]["items"];
         assert_eq!(
             items["incus.tar.xz"]["combined_squashfs_sha256"],
             hex64('c')
@@ -1333,20 +1184,9 @@ mod tests {
 
     #[test]
     fn a_container_with_other_metadata_is_left_out_of_the_product() {
-        let mut ct = container(0xa2, "x86_64", "default", 'c');
+        let mut ct = container(0xa2, "x86_64", 'c');
         ct.attachment_sha256 = hex64('9');
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![version(
-                0x10,
-                "1.0",
-                "2026-05-11T05:24:59Z",
-                vec![artifact(0xa1, "x86_64", "default", 'a'), ct],
-            )],
-            &[],
-        )]);
-        let r = render(&s).unwrap();
+        let r = render_one(vec![vm(0xa1, "x86_64", 'a'), ct], &[]);
         assert!(!text(&r.images).contains(&hex64('c')));
         assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
         assert!(
@@ -1356,36 +1196,22 @@ mod tests {
         );
     }
 
+    /// Renders `img` 1.0 (January) and 2.0 (February), each a VM and a container of x86_64:
+    /// both VMs have fingerprint `a`, 1.0's container has `b` and 2.0's has `container_fp`.
+    fn two_unified_versions(container_fp: char, aliases: &[(&str, u128)]) -> Rendered {
+        let arts = |a, b, ct_fp| vec![vm(a, "x86_64", 'a'), container(b, "x86_64", ct_fp)];
+        let versions = vec![
+            version(0x10, "1.0", JAN1, arts(0xa1, 0xa2, 'b')),
+            version(0x11, "2.0", FEB1, arts(0xa3, 0xa4, container_fp)),
+        ];
+        render_img(versions, aliases)
+    }
+
     #[test]
     fn a_repeated_image_type_keeps_only_the_new_image() {
         // 2.0 repeats 1.0's VM bytes but brings a new container: the VM fingerprint stays with
         // 1.0, and 2.0 lists only its container.
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![
-                version(
-                    0x10,
-                    "1.0",
-                    "2026-01-01T00:00:00Z",
-                    vec![
-                        artifact(0xa1, "x86_64", "default", 'a'),
-                        container(0xa2, "x86_64", "default", 'b'),
-                    ],
-                ),
-                version(
-                    0x11,
-                    "2.0",
-                    "2026-02-01T00:00:00Z",
-                    vec![
-                        artifact(0xa3, "x86_64", "default", 'a'),
-                        container(0xa4, "x86_64", "default", 'c'),
-                    ],
-                ),
-            ],
-            &[("latest", 0x11)],
-        )]);
-        let r = render(&s).unwrap();
+        let r = two_unified_versions('c', &[("latest", 0x11)]);
         assert_eq!(text(&r.images).matches(&hex64('a')).count(), 1);
         let p = products(&r);
         let items = &p["img:2.0:amd64:default"]["versions"]["20260201_00:00"]["items"];
@@ -1408,22 +1234,7 @@ mod tests {
 
     #[test]
     fn identical_unified_versions_merge() {
-        let arts = |a, b| {
-            vec![
-                artifact(a, "x86_64", "default", 'a'),
-                container(b, "x86_64", "default", 'b'),
-            ]
-        };
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![
-                version(0x10, "1.0", "2026-01-01T00:00:00Z", arts(0xa1, 0xa2)),
-                version(0x11, "2.0", "2026-02-01T00:00:00Z", arts(0xa3, 0xa4)),
-            ],
-            &[],
-        )]);
-        let r = render(&s).unwrap();
+        let r = two_unified_versions('b', &[]);
         assert_eq!(products(&r).len(), 1);
         assert_eq!(aliases_of(&r, "img:1.0:amd64:default"), "img/1.0,img/2.0");
     }
@@ -1432,26 +1243,11 @@ mod tests {
     fn aliases_are_claimed_per_image_type() {
         // A VM-only version named `stable` and a container-only version aliased `stable`: Incus
         // keeps aliases per type, so both may carry `img/stable`.
-        let s = snapshot(vec![image(
-            "img",
-            None,
-            vec![
-                version(
-                    0x10,
-                    "stable",
-                    "2026-01-01T00:00:00Z",
-                    vec![artifact(0xa1, "x86_64", "default", 'a')],
-                ),
-                version(
-                    0x11,
-                    "2.0",
-                    "2026-02-01T00:00:00Z",
-                    vec![container(0xa2, "x86_64", "default", 'b')],
-                ),
-            ],
-            &[("stable", 0x11)],
-        )]);
-        let r = render(&s).unwrap();
+        let versions = vec![
+            version(0x10, "stable", JAN1, vec![vm(0xa1, "x86_64", 'a')]),
+            version(0x11, "2.0", FEB1, vec![container(0xa2, "x86_64", 'b')]),
+        ];
+        let r = render_img(versions, &[("stable", 0x11)]);
         assert_eq!(aliases_of(&r, "img:stable:amd64:default"), "img/stable");
         assert_eq!(
             aliases_of(&r, "img:2.0:amd64:default"),

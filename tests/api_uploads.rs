@@ -26,10 +26,6 @@ fn complete(s: &Server, w: &str, id: &str, body: &Value) -> Resp {
     s.call("POST", &format!("/v1/uploads/{id}/complete"), w, body)
 }
 
-fn abort(s: &Server, w: &str, id: &str) -> Resp {
-    s.call("POST", &format!("/v1/uploads/{id}/abort"), w, &Value::Null)
-}
-
 /// Sends a part PUT that declares `length` bytes and trickles a few KiB of them until the server
 /// answers (which it does before reading the body), so no test sends gigabytes.
 fn declared_only_part(s: &Server, w: &str, path: &str, length: u64) -> Resp {
@@ -418,7 +414,8 @@ fn parts_upload_replace_and_complete() {
     // A ready session takes no more parts and cannot be aborted.
     put_part(&s, &w, &id, "1", b"x")
         .assert_problem(412, "upload session does not accept parts from ready");
-    abort(&s, &w, &id).assert_problem(412, "upload session cannot be aborted from ready");
+    s.abort_upload(&w, &id)
+        .assert_problem(412, "upload session cannot be aborted from ready");
 }
 
 #[test]
@@ -551,7 +548,8 @@ fn complete_with_the_wrong_bytes_fails_the_session() {
         &json!({"parts": [{"number": 1, "etag": "x", "size_bytes": 64}]}),
     )
     .assert_problem(412, "upload session cannot be completed from failed");
-    abort(&s, &w, &id).assert_problem(412, "upload session cannot be aborted from failed");
+    s.abort_upload(&w, &id)
+        .assert_problem(412, "upload session cannot be aborted from failed");
     put_part(&s, &w, &id, "1", &expected)
         .assert_problem(412, "upload session does not accept parts from failed");
     for d in [sha256_digest(&expected), sha256_digest(&actual)] {
@@ -571,7 +569,7 @@ fn abort_is_idempotent_and_terminal() {
     // ignored.
     let created = begin(&s, &w, &data);
     let id = id_of(&created["id"]);
-    let a = json_ok(&abort(&s, &w, &id), 200);
+    let a = json_ok(&s.abort_upload(&w, &id), 200);
     assert_eq!(a["state"], "aborted");
     assert_eq!(a["id"], id.as_str());
     assert_eq!(a["expires_at"], created["expires_at"]);
@@ -588,7 +586,7 @@ fn abort_is_idempotent_and_terminal() {
     // From `uploading`.
     let id2 = id_of(&begin(&s, &w, &data)["id"]);
     let e = json_ok(&put_part(&s, &w, &id2, "1", &data), 200)["etag"].clone();
-    assert_eq!(json_ok(&abort(&s, &w, &id2), 200)["state"], "aborted");
+    assert_eq!(json_ok(&s.abort_upload(&w, &id2), 200)["state"], "aborted");
 
     // `aborted` is terminal.
     put_part(&s, &w, &id2, "1", &data)
@@ -601,8 +599,10 @@ fn abort_is_idempotent_and_terminal() {
     )
     .assert_problem(412, "upload session cannot be completed from aborted");
 
-    abort(&s, &w, UNKNOWN).assert_problem(404, "upload not found");
-    abort(&s, &w, "12345").assert_problem(400, "upload id must be a UUID");
+    s.abort_upload(&w, UNKNOWN)
+        .assert_problem(404, "upload not found");
+    s.abort_upload(&w, "12345")
+        .assert_problem(400, "upload id must be a UUID");
     complete(&s, &w, UNKNOWN, &json!({"parts": []})).assert_problem(404, "upload not found");
     complete(&s, &w, "x", &json!({"parts": []})).assert_problem(400, "upload id must be a UUID");
 }

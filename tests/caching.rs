@@ -3,9 +3,8 @@
 //! nginx cache in front of the binary that picks up a moved alias on its next revalidation.
 
 use crate::util::*;
-use serde_json::{Value, json};
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use serde_json::Value;
+use std::time::Duration;
 
 /// Reads `path` twice and with `HEAD`, checks the headers every cacheable 200 carries and that
 /// they agree, then revalidates with the tag (strong, weak, in a list, and `*`). Returns the
@@ -101,23 +100,13 @@ fn tag(s: &Server, path: &str) -> String {
     r.header("ETag").unwrap().to_string()
 }
 
-fn put_alias(s: &Server, w: &str, alias: &str, version: &str) {
-    let r = s.call(
-        "PUT",
-        &format!("/v1/images/img/aliases/{alias}"),
-        w,
-        &json!({"version": version}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
 #[test]
 fn catalog_reads_are_tagged_and_revalidate() {
     let s = Server::start();
     let w = s.writer_token();
     let v1 = s.publish_image(&w, "img", "1.0", b"disk one", b"meta one");
     s.publish_image(&w, "img", "2.0", b"disk two", b"meta two");
-    put_alias(&s, &w, "latest", "1.0");
+    s.put_alias(&w, "img", "latest", "1.0");
     let art = v1.artifact_id.as_str();
 
     let shared = |p: &str| check_cacheable(&s, p, &[], "no-cache");
@@ -145,7 +134,7 @@ fn catalog_reads_are_tagged_and_revalidate() {
     assert_eq!(with_token, alias);
 
     // Moving the alias changes exactly the documents that show it.
-    put_alias(&s, &w, "latest", "2.0");
+    s.put_alias(&w, "img", "latest", "2.0");
     changed_tag(&s, "/v1/images/img/aliases/latest", &alias);
     changed_tag(&s, "/v1/images/img/aliases", &aliases);
     let moved = changed_tag(&s, "/v1/images/img/refs/latest", &latest);
@@ -183,23 +172,11 @@ fn draft_manifest_tag_follows_every_edit() {
     assert_eq!(m.json()["version"]["state"], "draft");
 
     // Editing a draft does not move the catalog generation, yet the tag must follow it.
-    let meta = s.upload(&w, b"meta");
     let aid = a["id"].as_str().unwrap();
-    let r = s.call(
-        "POST",
-        &format!("{path}/artifacts/{aid}/attachments"),
-        &w,
-        &json!({"name": "incus.tar.xz", "media_type": "application/x-xz",
-                "blob_digest": meta, "blob_size_bytes": 4}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    s.attach_incus_tar_xz(&w, "img", "1.0", aid, b"meta");
     let t1 = changed_tag(&s, path, &t0);
-    let r = s.call(
-        "DELETE",
-        &format!("{path}/artifacts/{aid}"),
-        &w,
-        &Value::Null,
-    );
+    let artifact = format!("{path}/artifacts/{aid}");
+    let r = s.call("DELETE", &artifact, &w, &Value::Null);
     assert_eq!(r.status, 204, "{}", r.text());
     let t2 = changed_tag(&s, path, &t1);
     assert_ne!(t2, t0);
@@ -213,12 +190,7 @@ fn uploads_and_jobs_are_private_and_auth_is_never_stored() {
 
     // An upload session: anonymous, but nobody else's business; its tag follows its parts.
     let data = b"some bytes";
-    let begin = s.call(
-        "POST",
-        "/v1/uploads",
-        &w,
-        &json!({"expected_digest": sha256_digest(data), "expected_size_bytes": data.len()}),
-    );
+    let begin = s.begin_upload(&w, data);
     assert_eq!(begin.status, 201, "{}", begin.text());
     assert_eq!(begin.header("ETag"), None, "a write is not tagged");
     let id = begin.json()["id"].as_str().unwrap().to_string();
@@ -230,15 +202,10 @@ fn uploads_and_jobs_are_private_and_auth_is_never_stored() {
     // A publish job: only its writer may read it, and a matching tag without credentials is
     // still a 401, never a 304.
     draft_with_artifact(&s, &w, "img", "1.0", b"disk");
-    let p = s.call(
-        "POST",
-        "/v1/images/img/versions/1.0/publish",
-        &w,
-        &Value::Null,
-    );
-    assert_eq!(p.status, 202, "{}", p.text());
-    let job = p.json()["id"].as_str().unwrap().to_string();
-    s.wait_job(&w, &job);
+    let job = s.publish(&w, "img", "1.0")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let path = format!("/v1/publish-jobs/{job}");
     let (t, _) = check_cacheable(&s, &path, &[("Authorization", &auth)], "private, no-cache");
     let anon = s.get_with(&path, &[("If-None-Match", &t)]);
@@ -258,20 +225,10 @@ fn uploads_and_jobs_are_private_and_auth_is_never_stored() {
         assert_eq!(r.header("Cache-Control"), Some("no-store"), "{path}");
         assert_eq!(r.header("ETag"), None, "{path}");
     }
-    let pid = s.call(
-        "POST",
-        "/v1/auth/principals",
-        &admin,
-        &json!({"kind": "service", "display_name": "x"}),
-    );
+    let pid = s.new_principal(&admin, "x");
     assert_eq!(pid.header("Cache-Control"), Some("no-store"));
     let pid = pid.json()["id"].as_str().unwrap().to_string();
-    let t = s.call(
-        "POST",
-        &format!("/v1/auth/principals/{pid}/api-tokens"),
-        &admin,
-        &json!({"name": "t", "expires_at": "2099-01-01T00:00:00Z"}),
-    );
+    let t = s.issue_token(&admin, &pid);
     assert_eq!(t.status, 201, "{}", t.text());
     assert_eq!(t.header("Cache-Control"), Some("no-store"));
 }
@@ -281,10 +238,7 @@ fn downloads_and_streams_keep_their_own_headers() {
     let s = Server::start();
     let w = s.writer_token();
     let m = s.publish_image(&w, "img", "1.0", b"disk", b"meta");
-    let art = m.artifact_id.as_str();
-    let d = s.get(&format!(
-        "/v1/images/img/versions/1.0/artifacts/{art}/download"
-    ));
+    let d = s.get(&m.download_path());
     assert_eq!(d.status, 200);
     assert_eq!(
         d.header("Cache-Control"),
@@ -303,49 +257,17 @@ fn downloads_and_streams_keep_their_own_headers() {
     assert_eq!(s.get("/healthz").header("Cache-Control"), None);
 }
 
-/// An nginx reverse proxy with its own prefix, config and cache in a temporary directory,
-/// stopped (and its files removed) when dropped.
-struct Nginx {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    /// Listeners: one that caches every 200 for a second whatever the response says, and one
-    /// that honours `Cache-Control` but would keep a 200 for an hour.
-    forced: String,
-    honouring: String,
-}
-
-impl Nginx {
-    fn start(upstream: &str) -> Nginx {
-        // As root, the workers would switch to `nobody` and lose access to the temporary
-        // directory; keep them as the current user.
-        let user = if id("-u") == "0" {
-            format!("user {} {};", id("-un"), id("-gn"))
-        } else {
-            String::new()
-        };
-        for _ in 0..10 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let d = dir.path().display().to_string();
-            let (a, b) = (free_port(), free_port());
-            // `proxy_ignore_headers Cache-Control` plus `proxy_cache_valid` is what a CDN's
-            // default lifetime amounts to; `proxy_cache_revalidate` makes nginx send the stored
-            // ETag as If-None-Match once that lifetime is over.
-            let conf = format!(
-                "daemon off;
-{user}
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    log_format cache '$request_uri $status $upstream_status $upstream_cache_status';
-    access_log {d}/access.log cache;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    proxy_cache_path {d}/cache-forced keys_zone=forced:1m;
+/// An nginx reverse proxy to `upstream` with two listeners: the first caches every 200 for a
+/// second whatever the response says, the second honours `Cache-Control` but would keep a 200
+/// for an hour.
+fn start_proxy(upstream: &str) -> Nginx {
+    Nginx::start(2, |d, ports| {
+        let (a, b) = (ports[0], ports[1]);
+        // `proxy_ignore_headers Cache-Control` plus `proxy_cache_valid` is what a CDN's default
+        // lifetime amounts to; `proxy_cache_revalidate` makes nginx send the stored ETag as
+        // If-None-Match once that lifetime is over.
+        format!(
+            "    proxy_cache_path {d}/cache-forced keys_zone=forced:1m;
     proxy_cache_path {d}/cache-honouring keys_zone=honouring:1m;
     proxy_http_version 1.1;
     server {{
@@ -368,97 +290,9 @@ http {{
             proxy_cache_revalidate on;
             add_header X-Cache-Status $upstream_cache_status always;
         }}
-    }}
-}}
-"
-            );
-            std::fs::write(dir.path().join("nginx.conf"), conf).unwrap();
-            let child = spawn_nginx(dir.path());
-            let mut n = Nginx {
-                dir,
-                child: Some(child),
-                forced: format!("127.0.0.1:{a}"),
-                honouring: format!("127.0.0.1:{b}"),
-            };
-            if n.wait_listening() {
-                return n;
-            }
-            // Another process took a port between our probe and nginx's bind: try others.
-            let log = n.error_log();
-            assert!(log.contains("in use"), "nginx did not start:\n{log}");
-        }
-        panic!("nginx found no free ports");
-    }
-
-    fn wait_listening(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Some(Ok(Some(_))) = self.child.as_mut().map(Child::try_wait) {
-                return false;
-            }
-            let up = [&self.forced, &self.honouring]
-                .iter()
-                .all(|a| std::net::TcpStream::connect(a.as_str()).is_ok());
-            if up {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
-    }
-
-    fn error_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
-    }
-
-    fn access_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
-    }
-
-    /// SIGTERM (fast shutdown: the master stops its worker too), then SIGKILL if it lingers.
-    fn stop(&mut self) {
-        if let Some(child) = self.child.take() {
-            stop_daemon(child);
-        }
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn id(flag: &str) -> String {
-    let out = Command::new("id").arg(flag).output().expect("id");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// imgsrv's request log lines for `route` with `status` (the line is written just after the
-/// response, so wait a little for it).
-fn logged(s: &Server, route: &str, status: u16, at_least: usize) -> usize {
-    let needle = format!("route={route} ");
-    let status = format!("status={status} ");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let n = s
-            .log_text()
-            .lines()
-            .filter(|l| l.contains(" request ") && l.contains(&needle) && l.contains(&status))
-            .count();
-        if n >= at_least || Instant::now() >= deadline {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    }}"
+        )
+    })
 }
 
 /// A GET through the proxy: the response and nginx's cache status.
@@ -480,9 +314,9 @@ fn nginx_cache_revalidates_and_sees_a_moved_alias() {
     let w = s.writer_token();
     s.publish_image(&w, "img", "1.0", b"disk one", b"meta one");
     s.publish_image(&w, "img", "2.0", b"disk two", b"meta two");
-    put_alias(&s, &w, "latest", "1.0");
-    let nginx = Nginx::start(&s.addr);
-    let proxy = nginx.forced.clone();
+    s.put_alias(&w, "img", "latest", "1.0");
+    let nginx = start_proxy(&s.addr);
+    let proxy = nginx.addrs[0].clone();
 
     const ALIAS: &str = "/v1/images/img/aliases/latest";
     const REF: &str = "/v1/images/img/refs/latest";
@@ -505,50 +339,42 @@ fn nginx_cache_revalidates_and_sees_a_moved_alias() {
         let (r, st) = via(&proxy, path, &[]);
         assert_eq!((version(path, &r), st.as_str()), ("1.0".into(), "HIT"));
     }
-    std::thread::sleep(EXPIRE);
-    for path in [ALIAS, REF] {
-        let (r, st) = via(&proxy, path, &[]);
-        assert_eq!(
-            (version(path, &r), st.as_str()),
-            ("1.0".into(), "REVALIDATED"),
-            "{path}"
-        );
-    }
-    assert_eq!(logged(&s, ALIAS_ROUTE, 304, 1), 1, "{}", nginx.access_log());
-    assert_eq!(logged(&s, REF_ROUTE, 304, 1), 1, "{}", nginx.access_log());
+    // Reads both documents through the forced cache once what it stored has expired.
+    let after_expiry = |want: &str, cache_status: &str| {
+        std::thread::sleep(EXPIRE);
+        for path in [ALIAS, REF] {
+            let (r, st) = via(&proxy, path, &[]);
+            assert_eq!(
+                (version(path, &r), st.as_str()),
+                (want.to_string(), cache_status),
+                "{path}"
+            );
+        }
+    };
+    // imgsrv answered `n` revalidations of each document with a 304.
+    let not_modified = |n: usize| {
+        for route in [ALIAS_ROUTE, REF_ROUTE] {
+            assert_eq!(s.logged(route, 304, n), n, "{}", nginx.log("access.log"));
+        }
+    };
+    after_expiry("1.0", "REVALIDATED");
+    not_modified(1);
 
     // The move: within the forced second the old answer may still be served, but the first
     // revalidation after it gets the new document in full (the stored tag no longer matches).
-    put_alias(&s, &w, "latest", "2.0");
-    std::thread::sleep(EXPIRE);
-    for path in [ALIAS, REF] {
-        let (r, st) = via(&proxy, path, &[]);
-        assert_eq!(
-            (version(path, &r), st.as_str()),
-            ("2.0".into(), "EXPIRED"),
-            "{path}"
-        );
-    }
-    std::thread::sleep(EXPIRE);
-    for path in [ALIAS, REF] {
-        let (r, st) = via(&proxy, path, &[]);
-        assert_eq!(
-            (version(path, &r), st.as_str()),
-            ("2.0".into(), "REVALIDATED"),
-            "{path}"
-        );
-    }
+    s.put_alias(&w, "img", "latest", "2.0");
+    after_expiry("2.0", "EXPIRED");
+    after_expiry("2.0", "REVALIDATED");
     // Every revalidation was answered by imgsrv with a 304 and no body, the changed one by a
     // 200: two 304s and two 200s per route (the first fill and the changed document).
-    assert_eq!(logged(&s, ALIAS_ROUTE, 304, 2), 2, "{}", nginx.access_log());
-    assert_eq!(logged(&s, REF_ROUTE, 304, 2), 2, "{}", nginx.access_log());
+    not_modified(2);
 
     // A cache that honours Cache-Control never stores these documents, even with an hour of
     // default lifetime: the next move is visible at once.
-    let honouring = nginx.honouring.clone();
+    let honouring = nginx.addrs[1].clone();
     let (r, _) = via(&honouring, ALIAS, &[]);
     assert_eq!(version(ALIAS, &r), "2.0");
-    put_alias(&s, &w, "latest", "1.0");
+    s.put_alias(&w, "img", "latest", "1.0");
     let (r, st) = via(&honouring, ALIAS, &[]);
     assert_eq!((version(ALIAS, &r), st.as_str()), ("1.0".into(), "MISS"));
 
@@ -567,9 +393,5 @@ fn nginx_cache_revalidates_and_sees_a_moved_alias() {
     let (r, _) = via(&honouring, &path, &[]);
     assert_eq!(r.status, 401, "{}", r.text());
 
-    let log = nginx.error_log();
-    assert!(
-        !log.contains("[emerg]") && !log.contains("[alert]") && !log.contains("[crit]"),
-        "{log}"
-    );
+    nginx.assert_no_severe_errors();
 }

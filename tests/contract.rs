@@ -4,7 +4,6 @@
 //! status, the documented media type, a body matching its schema and the documented headers.
 
 use crate::util::*;
-use serde_json::json;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,13 +42,7 @@ fn schemathesis_finds_no_contract_violation() {
     let artifact = &manifest.manifest["artifacts"][0];
     let artifact_id = artifact["artifact"]["id"].as_str().unwrap();
     let attachment_id = artifact["attachments"][0]["id"].as_str().unwrap();
-    let r = s.call(
-        "PUT",
-        "/v1/images/debian-bookworm/aliases/stable",
-        &w,
-        &json!({"version": "12.5.0"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    s.put_alias(&w, "debian-bookworm", "stable", "12.5.0");
 
     let dir = tempfile::tempdir().unwrap();
     // The ids of the seeded downloads, for those operations only: elsewhere every parameter

@@ -3,7 +3,7 @@
 //! no reader ever sees a half-published version (docs/api.md, decision 5).
 
 use crate::storage::{
-    Db, begin, chunk_hashes, complete, metric, put_part, put_part_ok, stop_and_read, wait_until,
+    Db, begin, chunk_hashes, complete, metric, put_part, put_part_ok, stop_and_read,
 };
 use crate::util::tables::JOBS;
 use crate::util::*;

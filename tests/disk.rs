@@ -3,7 +3,7 @@
 //! flipped in the header, the first pages, a chunk's bytes and random pages.
 
 use crate::util::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
@@ -106,12 +106,7 @@ fn send_part(s: &Server, token: &str, upload: &str, data: &[u8]) -> Resp {
 }
 
 fn begin(s: &Server, token: &str, data: &[u8]) -> String {
-    let r = s.call(
-        "POST",
-        "/v1/uploads",
-        token,
-        &json!({"expected_digest": sha256_digest(data), "expected_size_bytes": data.len()}),
-    );
+    let r = s.begin_upload(token, data);
     assert!(
         r.status == 201 || r.status == 200,
         "{}\n{}",
@@ -304,12 +299,7 @@ fn full_disk_refuses_early_keeps_serving_and_recovers_without_restart() {
     let next_id = begin(&s, &token, &next);
     fill(&filler);
     assert_507(&send_part(&s, &token, &next_id, &next));
-    let a = s.call(
-        "POST",
-        &format!("/v1/uploads/{held_id}/abort"),
-        &token,
-        &Value::Null,
-    );
+    let a = s.abort_upload(&token, &held_id);
     assert_eq!(a.status, 200, "{}", a.text());
     let p = send_part(&s, &token, &next_id, &next);
     assert_eq!(

@@ -228,12 +228,7 @@ fn raise_nofile(want: u64) {
 
 /// An upload session for a 3-byte blob (so part PUTs have a real target).
 fn session(s: &Server, token: &str) -> String {
-    let r = s.call(
-        "POST",
-        "/v1/uploads",
-        token,
-        &json!({"expected_digest": sha256_digest(b"abc"), "expected_size_bytes": 3}),
-    );
+    let r = s.begin_upload(token, b"abc");
     assert_eq!(r.status, 201, "{}", r.text());
     r.json()["id"].as_str().unwrap().to_string()
 }
@@ -1181,12 +1176,7 @@ fn curl_waiting_for_100_continue_is_answered_at_once() {
 
     let s = Server::start();
     let w = s.writer_token();
-    let r = s.call(
-        "POST",
-        "/v1/uploads",
-        &w,
-        &json!({"expected_digest": sha256_digest(&data), "expected_size_bytes": data.len()}),
-    );
+    let r = s.begin_upload(&w, &data);
     assert_eq!(r.status, 201, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let url = |addr: &str, scheme: &str, upload: &str| {

@@ -3,6 +3,7 @@
 //! "Use with Incus" section says. Publishing happens over plain HTTP; the same data directory is then served over TLS
 //! (Incus refuses `http://` remotes and needs TLS 1.3).
 
+use crate::incusd::Daemon;
 use crate::util::*;
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
@@ -16,39 +17,17 @@ pub(crate) struct Fixture {
 
 pub(crate) fn fixture(dir: &Path, name: &str, arch: &str, disk_mib: u32) -> Fixture {
     let root = dir.join(name);
-    std::fs::create_dir_all(root.join("img/templates")).unwrap();
+    std::fs::create_dir_all(&root).unwrap();
     let disk = root.join("disk.qcow2");
-    let st = Command::new("qemu-img")
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(&disk)
-        .arg(format!("{disk_mib}M"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let t = 1_700_000_000;
-    std::fs::write(
-        root.join("img/metadata.yaml"),
-        format!(
-            "architecture: {arch}\ncreation_date: {t}\nexpiry_date: 0\nproperties:\n  architecture: {arch}\n  description: {name}\n  os: debian\n  release: bookworm\n  variant: default\ntemplates: {{}}\n"
-        ),
-    )
-    .unwrap();
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "cd '{}' && tar --sort=name --mtime=@{t} --owner=0 --group=0 --numeric-owner -cf - metadata.yaml templates | xz -T1",
-            root.join("img").display()
-        ))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    output_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&disk)
+            .arg(format!("{disk_mib}M")),
     );
     Fixture {
         disk: std::fs::read(&disk).unwrap(),
-        meta: out.stdout,
+        meta: incus_tar_xz(&root.join("img"), arch, "debian", name),
     }
 }
 
@@ -82,38 +61,9 @@ fn add_artifact(
     );
     assert_eq!(a.status, 201, "{}", a.text());
     if with_meta {
-        let m = s.upload(w, &f.meta);
         let aid = a.json()["id"].as_str().unwrap().to_string();
-        let t = s.call(
-            "POST",
-            &format!("/v1/images/{image}/versions/{version}/artifacts/{aid}/attachments"),
-            w,
-            &json!({"name": "incus.tar.xz", "media_type": "application/x-xz", "blob_digest": m, "blob_size_bytes": f.meta.len()}),
-        );
-        assert_eq!(t.status, 201, "{}", t.text());
+        s.attach_incus_tar_xz(w, image, version, &aid, &f.meta);
     }
-}
-
-fn new_version(s: &Server, w: &str, image: &str, version: &str) {
-    let r = s.call(
-        "POST",
-        &format!("/v1/images/{image}/versions"),
-        w,
-        &json!({"version": version}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
-}
-
-fn publish(s: &Server, w: &str, image: &str, version: &str) {
-    let p = s.call(
-        "POST",
-        &format!("/v1/images/{image}/versions/{version}/publish"),
-        w,
-        &Value::Null,
-    );
-    assert_eq!(p.status, 202, "{}", p.text());
-    let job = s.wait_job(w, p.json()["id"].as_str().unwrap());
-    assert_eq!(job["state"], "succeeded", "{job}");
 }
 
 /// An isolated Incus client configuration with the server's certificate pinned, talking to a
@@ -129,7 +79,7 @@ impl Client {
     }
 
     /// A client whose `local:` is this daemon.
-    pub(crate) fn with_daemon(s: &Server, cert: &Path, daemon: &crate::incusd::Daemon) -> Client {
+    pub(crate) fn with_daemon(s: &Server, cert: &Path, daemon: &Daemon) -> Client {
         Client::connect(s, cert, Some(daemon.dir().to_path_buf()))
     }
 
@@ -226,19 +176,10 @@ fn incus_lists_describes_and_exports_published_images() {
     let mut s = Server::start();
     let w = s.writer_token();
     let img = "debian-bookworm";
-    assert_eq!(
-        s.call(
-            "POST",
-            "/v1/images",
-            &w,
-            &json!({"name": img, "display_name": "Debian 12"})
-        )
-        .status,
-        201
-    );
+    s.create_image(&w, &json!({"name": img, "display_name": "Debian 12"}));
     // 1.0: default x86_64, aarch64, a non-default variant, a raw artifact and a qcow2 without
     // incus.tar.xz (both must be skipped).
-    new_version(&s, &w, img, "1.0");
+    s.create_version(&w, img, "1.0");
     add_artifact(&s, &w, img, "1.0", "x86_64", "", "qcow2", &x86, true);
     add_artifact(&s, &w, img, "1.0", "aarch64", "", "qcow2", &arm, true);
     add_artifact(&s, &w, img, "1.0", "x86_64", "cloud", "qcow2", &cloud, true);
@@ -248,33 +189,25 @@ fn incus_lists_describes_and_exports_published_images() {
     add_artifact(
         &s, &w, img, "1.0", "x86_64", "nometa", "qcow2", &skipped, false,
     );
-    publish(&s, &w, img, "1.0");
+    s.publish(&w, img, "1.0");
     // 2.0 has exactly the bytes of 1.0's default x86_64 image: one fingerprint, merged aliases.
-    new_version(&s, &w, img, "2.0");
+    s.create_version(&w, img, "2.0");
     add_artifact(&s, &w, img, "2.0", "x86_64", "", "qcow2", &x86, true);
-    publish(&s, &w, img, "2.0");
-    new_version(&s, &w, img, "3.0");
+    s.publish(&w, img, "2.0");
+    s.create_version(&w, img, "3.0");
     add_artifact(&s, &w, img, "3.0", "x86_64", "", "qcow2", &v3, true);
-    publish(&s, &w, img, "3.0");
-    assert_eq!(
-        s.call(
-            "PUT",
-            &format!("/v1/images/{img}/aliases/latest"),
-            &w,
-            &json!({"version": "1.0"})
-        )
-        .status,
-        200
-    );
+    s.publish(&w, img, "3.0");
+    s.put_alias(&w, img, "latest", "1.0");
 
     // Serve the same database over TLS.
     let plain = s.extra.clone();
-    s.extra = vec![
+    let tls = vec![
         "--tls-cert".into(),
         cert.display().to_string(),
         "--tls-key".into(),
         key.display().to_string(),
     ];
+    s.extra = tls.clone();
     s.restart();
     let c = Client::new(&s, &cert);
     let list = c.list();
@@ -349,22 +282,8 @@ fn incus_lists_describes_and_exports_published_images() {
     // Move `latest` (over plain HTTP), then look again with a fresh client cache.
     s.extra = plain;
     s.restart();
-    assert_eq!(
-        s.call(
-            "PUT",
-            &format!("/v1/images/{img}/aliases/latest"),
-            &w,
-            &json!({"version": "3.0"})
-        )
-        .status,
-        200
-    );
-    s.extra = vec![
-        "--tls-cert".into(),
-        cert.display().to_string(),
-        "--tls-key".into(),
-        key.display().to_string(),
-    ];
+    s.put_alias(&w, img, "latest", "3.0");
+    s.extra = tls;
     s.restart();
     let c = Client::new(&s, &cert);
     assert_eq!(c.info_fingerprint(&format!("{img}/latest")), f3);
@@ -416,17 +335,12 @@ impl TlsApi {
     }
 
     fn curl(&self, args: &[&str]) -> Value {
-        let out = Command::new("curl")
-            .args(["-fsS", "--cacert"])
-            .arg(&self.cert)
-            .args(["-H", &self.auth])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "curl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        let out = output_ok(
+            Command::new("curl")
+                .args(["-fsS", "--cacert"])
+                .arg(&self.cert)
+                .args(["-H", &self.auth])
+                .args(args),
         );
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
     }
@@ -533,30 +447,56 @@ impl TlsApi {
     }
 }
 
+/// What the tests that need an Incus daemon start from: the daemon, a TLS-only imgsrv whose API
+/// a writer drives over curl, and a scratch directory. The fields drop in this order, so the
+/// server stops before its certificate's directory goes.
+pub(crate) struct WithDaemon {
+    pub daemon: Daemon,
+    pub s: Server,
+    pub cert: PathBuf,
+    pub api: TlsApi,
+    pub work: tempfile::TempDir,
+}
+
+impl WithDaemon {
+    /// `None` (the test is skipped, loudly) where one of `tools` or the daemon is missing.
+    pub(crate) fn start(tools: &[&str]) -> Option<WithDaemon> {
+        if !tools.iter().all(|t| require_tool(t)) {
+            return None;
+        }
+        let daemon = Daemon::start()?;
+        let work = tempfile::tempdir().unwrap();
+        let (s, cert) = Server::start_tls(work.path(), &[]);
+        let api = TlsApi::new(&s, &cert);
+        Some(WithDaemon {
+            daemon,
+            s,
+            cert,
+            api,
+            work,
+        })
+    }
+
+    /// An Incus client whose `local:` is the daemon and whose `imgsrv:` remote is the server.
+    pub(crate) fn client(&self) -> Client {
+        Client::with_daemon(&self.s, &self.cert, &self.daemon)
+    }
+}
+
 #[test]
 fn incusd_copies_a_published_image_and_stores_its_fingerprint() {
-    if !(require_tool("incus")
-        && require_tool("qemu-img")
-        && require_tool("xz")
-        && require_tool("openssl")
-        && require_tool("curl"))
-    {
-        return;
-    }
-    let Some(daemon) = crate::incusd::Daemon::start() else {
+    let tools = ["incus", "qemu-img", "xz", "openssl", "curl"];
+    let Some(t) = WithDaemon::start(&tools) else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let f = fixture(work.path(), "copy", "x86_64", 64);
-    let (s, cert) = Server::start_tls(work.path(), &[]);
-    let api = TlsApi::new(&s, &cert);
-    api.publish(
+    let f = fixture(t.work.path(), "copy", "x86_64", 64);
+    t.api.publish(
         "copytest",
         "1.0",
         &[("qcow2", &f.disk, &f.meta, Value::Null)],
     );
 
-    let c = Client::with_daemon(&s, &cert, &daemon);
+    let c = t.client();
     c.ok(&["image", "copy", "imgsrv:copytest/1.0", "local:"]);
     let list: Value =
         serde_json::from_str(&c.ok(&["image", "list", "local:", "--format", "json"])).unwrap();
@@ -571,5 +511,5 @@ fn incusd_copies_a_published_image_and_stores_its_fingerprint() {
         vec![fingerprint(&f).as_str()],
         "the daemon stored the image under its fingerprint"
     );
-    daemon.shutdown();
+    t.daemon.shutdown();
 }

@@ -3,7 +3,7 @@
 //! alias move reaching a host through `incus image refresh`, and a unified image (container and
 //! VM under one alias). VMs are only launched where the host has `/dev/vhost-vsock`.
 
-use crate::incus::{Client, TlsApi, fixture};
+use crate::incus::{Client, WithDaemon, fixture};
 use crate::incusd::Daemon;
 use crate::util::*;
 use serde_json::{Value, json};
@@ -136,38 +136,30 @@ fn age_daemon_cache(daemon: &Daemon, age: Duration) -> usize {
     aged
 }
 
-fn tools_present() -> bool {
-    [
-        "incus",
-        "mksquashfs",
-        "busybox",
-        "qemu-img",
-        "xz",
-        "openssl",
-        "curl",
-    ]
-    .into_iter()
-    .all(require_tool)
-}
+/// What the launch tests need besides the daemon.
+const TOOLS: [&str; 7] = [
+    "incus",
+    "mksquashfs",
+    "busybox",
+    "qemu-img",
+    "xz",
+    "openssl",
+    "curl",
+];
 
 #[test]
 fn incusd_launches_containers_and_follows_a_moved_alias() {
-    if !tools_present() {
-        return;
-    }
-    let Some(daemon) = Daemon::start() else {
+    let Some(t) = WithDaemon::start(&TOOLS) else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let meta = fixture(work.path(), "meta", "x86_64", 1).meta;
-    let root1 = rootfs(work.path(), "v1", "imgsrv-launch-1.0");
-    let root2 = rootfs(work.path(), "v2", "imgsrv-launch-2.0");
+    let (api, work) = (&t.api, t.work.path());
+    let meta = fixture(work, "meta", "x86_64", 1).meta;
+    let root1 = rootfs(work, "v1", "imgsrv-launch-1.0");
+    let root2 = rootfs(work, "v2", "imgsrv-launch-2.0");
     let (fp1, fp2) = (combined(&meta, &root1), combined(&meta, &root2));
-    let (s, cert) = Server::start_tls(work.path(), &[]);
-    let api = TlsApi::new(&s, &cert);
     api.publish("bb", "1.0", &[("squashfs", &root1, &meta, Value::Null)]);
     api.put_alias("bb", "latest", "1.0");
-    let c = Client::with_daemon(&s, &cert, &daemon);
+    let c = t.client();
 
     // A host that follows `latest`. This comes first on purpose: the daemon records where an
     // image came from only when it first stores it, so an image already pulled by version (a
@@ -200,31 +192,25 @@ fn incusd_launches_containers_and_follows_a_moved_alias() {
     // Once its cached documents are an hour old, a refresh (what the 6-hourly auto-update
     // does) fetches them again, follows the alias and replaces the image.
     assert!(
-        age_daemon_cache(&daemon, Duration::from_secs(2 * 3600)) > 0,
+        age_daemon_cache(&t.daemon, Duration::from_secs(2 * 3600)) > 0,
         "the daemon cached no Simple Streams documents under {}",
-        daemon.dir().join("cache").display()
+        t.daemon.dir().join("cache").display()
     );
     let out = c.ok(&["image", "refresh", "x"]);
     assert_eq!(local_fingerprint(&c, "x"), fp2, "refresh: {out}");
     c.ok(&["launch", "x", "c3"]);
     assert_eq!(marker_of(&c, "c3"), "imgsrv-launch-2.0");
-    daemon.shutdown();
+    t.daemon.shutdown();
 }
 
 #[test]
 fn incusd_launches_the_container_of_a_unified_image() {
-    if !tools_present() {
-        return;
-    }
-    let Some(daemon) = Daemon::start() else {
+    let Some(t) = WithDaemon::start(&TOOLS) else {
         return;
     };
-    let work = tempfile::tempdir().unwrap();
-    let vm = fixture(work.path(), "vm", "x86_64", 64);
-    let root = rootfs(work.path(), "ct", "imgsrv-unified");
-    let (s, cert) = Server::start_tls(work.path(), &[]);
-    let api = TlsApi::new(&s, &cert);
-    api.publish(
+    let vm = fixture(t.work.path(), "vm", "x86_64", 64);
+    let root = rootfs(t.work.path(), "ct", "imgsrv-unified");
+    t.api.publish(
         "uni",
         "1.0",
         &[
@@ -232,8 +218,8 @@ fn incusd_launches_the_container_of_a_unified_image() {
             ("qcow2", &vm.disk, &vm.meta, json!({"secureboot": "false"})),
         ],
     );
-    api.put_alias("uni", "latest", "1.0");
-    let c = Client::with_daemon(&s, &cert, &daemon);
+    t.api.put_alias("uni", "latest", "1.0");
+    let c = t.client();
 
     // One alias, two image types: the container by default, the VM with `--vm`.
     let ct = c.ok(&["image", "info", "imgsrv:uni/latest"]);
@@ -264,5 +250,5 @@ fn incusd_launches_the_container_of_a_unified_image() {
              cannot start VMs here !!!!!!!!\n"
         );
     }
-    daemon.shutdown();
+    t.daemon.shutdown();
 }

@@ -8,34 +8,14 @@
 
 use crate::push::*;
 use crate::util::*;
-use serde_json::{Value, json};
+use serde_json::Value;
 use std::path::Path;
-use std::process::{Child, Command};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const SHIPPED: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/packaging/nginx/imgsrv-cache.conf"
 );
-
-struct Nginx {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    addr: String,
-}
-
-fn id(flag: &str) -> String {
-    let out = Command::new("id").arg(flag).output().expect("id");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Replaces `from` (which must occur exactly once) with `to`.
 fn subst(conf: &str, from: &str, to: &str) -> String {
@@ -47,94 +27,36 @@ fn subst(conf: &str, from: &str, to: &str) -> String {
     conf.replace(from, to)
 }
 
-impl Nginx {
-    fn start(upstream: &str, cert: &Path, key: &Path) -> Nginx {
-        let user = if id("-u") == "0" {
-            format!("user {} {};", id("-un"), id("-gn"))
-        } else {
-            String::new()
-        };
-        let shipped = std::fs::read_to_string(SHIPPED).unwrap();
-        for _ in 0..10 {
-            let dir = tempfile::tempdir().expect("tempdir");
-            let d = dir.path().display().to_string();
-            let port = free_port();
-            let mut conf = subst(&shipped, "/var/cache/nginx/imgsrv", &format!("{d}/cache"));
-            conf = subst(
-                &conf,
-                "server 127.0.0.1:8080;",
-                &format!("server {upstream};"),
-            );
-            conf = subst(
-                &conf,
-                "listen 443 ssl;",
-                &format!("listen 127.0.0.1:{port} ssl;"),
-            );
-            conf = subst(&conf, "listen [::]:443 ssl;", "");
-            conf = subst(
-                &conf,
-                "/etc/nginx/tls/imgsrv.crt",
-                &cert.display().to_string(),
-            );
-            conf = subst(
-                &conf,
-                "/etc/nginx/tls/imgsrv.key",
-                &key.display().to_string(),
-            );
-            std::fs::write(dir.path().join("imgsrv-cache.conf"), conf).unwrap();
-            let main = format!(
-                "daemon off;
-{user}
-worker_processes 1;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    log_format cache '$request_uri $status $upstream_status $upstream_cache_status';
-    access_log {d}/access.log cache;
-    client_body_temp_path {d}/client_body;
-    proxy_temp_path {d}/proxy;
-    fastcgi_temp_path {d}/fastcgi;
-    uwsgi_temp_path {d}/uwsgi;
-    scgi_temp_path {d}/scgi;
-    include {d}/imgsrv-cache.conf;
-}}
-"
-            );
-            std::fs::write(dir.path().join("nginx.conf"), main).unwrap();
-            let child = spawn_nginx(dir.path());
-            let mut n = Nginx {
-                dir,
-                child: Some(child),
-                addr: format!("127.0.0.1:{port}"),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Some(Ok(Some(_))) = n.child.as_mut().map(Child::try_wait) {
-                    break;
-                }
-                if std::net::TcpStream::connect(&n.addr).is_ok() {
-                    return n;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let log = n.log("error.log");
-            assert!(log.contains("in use"), "nginx did not start:\n{log}");
-        }
-        panic!("nginx found no free port");
-    }
-
-    fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
-    }
-}
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        if let Some(child) = self.child.take() {
-            stop_daemon(child);
-        }
-    }
+/// nginx with the shipped configuration, its one listener, cache, upstream and certificate
+/// substituted.
+fn start_cache(upstream: &str, cert: &Path, key: &Path) -> Nginx {
+    let shipped = std::fs::read_to_string(SHIPPED).unwrap();
+    Nginx::start(1, |d, ports| {
+        let mut conf = subst(&shipped, "/var/cache/nginx/imgsrv", &format!("{d}/cache"));
+        conf = subst(
+            &conf,
+            "server 127.0.0.1:8080;",
+            &format!("server {upstream};"),
+        );
+        conf = subst(
+            &conf,
+            "listen 443 ssl;",
+            &format!("listen 127.0.0.1:{} ssl;", ports[0]),
+        );
+        conf = subst(&conf, "listen [::]:443 ssl;", "");
+        conf = subst(
+            &conf,
+            "/etc/nginx/tls/imgsrv.crt",
+            &cert.display().to_string(),
+        );
+        conf = subst(
+            &conf,
+            "/etc/nginx/tls/imgsrv.key",
+            &key.display().to_string(),
+        );
+        std::fs::write(Path::new(d).join("imgsrv-cache.conf"), conf).unwrap();
+        format!("    include {d}/imgsrv-cache.conf;")
+    })
 }
 
 /// A GET through nginx with curl over TLS 1.3 (pinning the certificate): status, headers
@@ -145,7 +67,7 @@ fn get(
     path: &str,
     headers: &[&str],
 ) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let body = n.dir.path().join("curl.body");
+    let body = n.dir().join("curl.body");
     // curl writes no file for an empty body: never read the previous one.
     let _ = std::fs::remove_file(&body);
     let mut cmd = Command::new("curl");
@@ -156,15 +78,7 @@ fn get(
     for h in headers {
         cmd.args(["-H", h]);
     }
-    let out = cmd
-        .arg(format!("https://{}{path}", n.addr))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "curl {path}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = output_ok(cmd.arg(format!("https://{}{path}", n.addrs[0])));
     let r = parse_response(&out.stdout, true);
     let status = r.status;
     let hs = r
@@ -180,18 +94,6 @@ fn header<'a>(h: &'a [(String, String)], name: &str) -> Option<&'a str> {
     h.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
 }
 
-/// imgsrv's request log lines for a route template with a status.
-fn logged(s: &Server, route: &str, status: u16) -> usize {
-    // The line is written just after the response: give it a moment.
-    std::thread::sleep(Duration::from_millis(200));
-    let needle = format!("route={route} ");
-    let status = format!("status={status} ");
-    s.log_text()
-        .lines()
-        .filter(|l| l.contains(" request ") && l.contains(&needle) && l.contains(&status))
-        .count()
-}
-
 #[test]
 fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
     for tool in ["nginx", "openssl", "curl", "tar", "xz", "incus"] {
@@ -199,34 +101,18 @@ fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
             return;
         }
     }
-    let s = Server::start();
-    let w = s.writer_token();
-    let work = tempfile::tempdir().unwrap();
-    let (cert, key) = crate::util::self_signed_cert(work.path());
-    let state = work.path().join("state");
+    let t = Target::new(Server::start());
+    let (s, w, work) = (&t.s, &t.w, t.work.path());
+    let (cert, key) = self_signed_cert(work);
     let disk = bytes(3 * CHUNK_SIZE + 17, 41);
-    let one = image_dir(work.path(), "one", &disk, "x86_64");
-    let two = image_dir(work.path(), "two", &bytes(CHUNK_SIZE, 42), "x86_64");
-    let url = format!("http://{}", s.addr);
+    let one = t.image_dir("one", &disk, "x86_64");
+    let two = t.image_dir("two", &bytes(CHUNK_SIZE, 42), "x86_64");
     for (v, dir) in [("1.0", &one), ("2.0", &two)] {
         let d = dir.display().to_string();
-        let o = run(client(
-            &state,
-            Some(&w),
-            &[
-                "push", "--server", &url, "debian", v, &d, "--alias", "latest",
-            ],
-        ));
-        assert!(o.status.success(), "{}", show(&o));
+        run_ok(t.push(&["debian", v, &d, "--alias", "latest"]));
     }
-    let r = s.call(
-        "PUT",
-        "/v1/images/debian/aliases/latest",
-        &w,
-        &json!({"version": "1.0"}),
-    );
-    assert_eq!(r.status, 200);
-    let n = Nginx::start(&s.addr, &cert, &key);
+    s.put_alias(w, "debian", "latest", "1.0");
+    let n = start_cache(&s.addr, &cert, &key);
 
     // Downloads: the second read is a cache hit; imgsrv served the file once.
     let m = s.get("/v1/images/debian/versions/1.0").json();
@@ -246,7 +132,7 @@ fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
         n.log("access.log")
     );
     assert!(b == disk, "cached download differs");
-    let served = logged(&s, DL_ROUTE, 200);
+    let served = s.logged(DL_ROUTE, 200, 1);
     assert_eq!(
         served,
         1,
@@ -301,52 +187,38 @@ fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
         ("/streams/v1/index.json", "/streams/v1/index.json"),
         ("/streams/v1/images.json", "/streams/v1/images.json"),
     ];
+    let revalidate =
+        |path: &str, etag: &str| get(&n, &cert, path, &[&format!("If-None-Match: {etag}")]);
     let mut tags = Vec::new();
     for (path, route) in docs {
         let (st, h, _) = get(&n, &cert, path, &[]);
         assert_eq!(st, 200, "{path}");
         let etag = header(&h, "etag").unwrap().to_string();
         assert_eq!(header(&h, "cache-control"), Some("no-cache"), "{path}");
-        let before = logged(&s, route, 304);
-        let (st, _, b) = get(&n, &cert, path, &[&format!("If-None-Match: {etag}")]);
+        let before = s.logged(route, 304, 0);
+        let (st, _, b) = revalidate(path, &etag);
         assert_eq!(st, 304, "{path}");
         assert!(b.is_empty());
         assert_eq!(
-            logged(&s, route, 304),
+            s.logged(route, 304, before + 1),
             before + 1,
             "{path}: imgsrv did not revalidate"
         );
         tags.push(etag);
     }
-    let r = s.call(
-        "PUT",
-        "/v1/images/debian/aliases/latest",
-        &w,
-        &json!({"version": "2.0"}),
-    );
-    assert_eq!(r.status, 200);
+    s.put_alias(w, "debian", "latest", "2.0");
     let (_, _, b) = get(&n, &cert, "/v1/images/debian/aliases/latest", &[]);
     assert_eq!(
         serde_json::from_slice::<Value>(&b).unwrap()["version"],
         "2.0"
     );
-    let (st, _, b) = get(
-        &n,
-        &cert,
-        "/v1/images/debian/refs/latest",
-        &[&format!("If-None-Match: {}", tags[2])],
-    );
+    let (st, _, b) = revalidate("/v1/images/debian/refs/latest", &tags[2]);
     assert_eq!(st, 200, "a stale tag gets the new document");
     assert_eq!(
         serde_json::from_slice::<Value>(&b).unwrap()["version"]["version"],
         "2.0"
     );
-    let (st, _, b) = get(
-        &n,
-        &cert,
-        "/streams/v1/images.json",
-        &[&format!("If-None-Match: {}", tags[4])],
-    );
+    let (st, _, b) = revalidate("/streams/v1/images.json", &tags[4]);
     assert_eq!(st, 200);
     let doc: Value = serde_json::from_slice(&b).unwrap();
     let aliases = doc["products"]["debian:2.0:amd64:default"]["aliases"]
@@ -380,7 +252,7 @@ fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
         "remote",
         "add",
         "cache",
-        &format!("https://{}", n.addr),
+        &format!("https://{}", n.addrs[0]),
         "--protocol=simplestreams",
     ]);
     let list: Value =
@@ -395,7 +267,7 @@ fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
             .any(|i| i["fingerprint"] == fp.as_str()),
         "{fp} not listed: {list:#}"
     );
-    let out = work.path().join("export");
+    let out = work.join("export");
     std::fs::create_dir_all(&out).unwrap();
     incus(&[
         "image",
@@ -406,11 +278,7 @@ fn nginx_cache_serves_downloads_and_revalidates_the_catalog() {
     assert!(std::fs::read(out.join("disk.qcow2")).unwrap() == disk);
     assert_eq!(std::fs::read(out.join("incus.tar.xz")).unwrap(), meta);
     // The disk Incus fetched was the cached one: imgsrv still served it once.
-    assert_eq!(logged(&s, DL_ROUTE, 200), 1, "{}", n.log("access.log"));
+    assert_eq!(s.logged(DL_ROUTE, 200, 1), 1, "{}", n.log("access.log"));
 
-    let log = n.log("error.log");
-    assert!(
-        !log.contains("[emerg]") && !log.contains("[alert]") && !log.contains("[crit]"),
-        "{log}"
-    );
+    n.assert_no_severe_errors();
 }

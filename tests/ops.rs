@@ -3,7 +3,7 @@
 //! finding a damaged chunk (and an upload repairing it), and `imgsrv compact` returning the
 //! space of retired and collected data.
 
-use crate::storage::{Db, chunk_hashes, damage_chunk, hash_of_digest, metric, wait_until};
+use crate::storage::{Db, chunk_hashes, damage_chunk, hash_of_digest, metric};
 use crate::util::*;
 use redb::{ReadableTable, TableDefinition};
 use serde_json::{Value, json};
@@ -73,19 +73,8 @@ fn backup_under_uploads_and_downloads_is_consistent() {
     s.publish_image(&w, "deb", "1.0", &disk, &meta);
     let disk2 = bytes(3 * CHUNK_SIZE + 7, 3);
     s.publish_image(&w, "deb", "2.0", &disk2, &meta);
-    let r = s.call(
-        "PUT",
-        "/v1/images/deb/aliases/latest",
-        &w,
-        &json!({"version": "2.0"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    let r = s.call(
-        "PUT",
-        "/v1/images/deb/retention",
-        &w,
-        &json!({"keep_last": 5}),
-    );
+    s.put_alias(&w, "deb", "latest", "2.0");
+    let r = s.put_retention(&w, "deb", &json!({"keep_last": 5}));
     assert_eq!(r.status, 200, "{}", r.text());
     // A draft and a blob that only an upload session holds are part of the data too.
     draft_with_artifact(&s, &w, "deb", "3.0-rc", &bytes(CHUNK_SIZE + 1, 4));
@@ -97,17 +86,10 @@ fn backup_under_uploads_and_downloads_is_consistent() {
     // the published ones (each checked byte for byte).
     let stop = Arc::new(AtomicBool::new(false));
     let (uploads, downloads) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let addr = s.addr.clone();
     let mut threads = Vec::new();
     for t in 0..2u64 {
         let (stop, uploads, w) = (stop.clone(), uploads.clone(), w.clone());
-        let s2 = Server {
-            dir: tempfile::tempdir().unwrap(),
-            addr: addr.clone(),
-            child: None,
-            log: Default::default(),
-            extra: vec![],
-        };
+        let s2 = s.handle();
         threads.push(std::thread::spawn(move || {
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
@@ -119,13 +101,7 @@ fn backup_under_uploads_and_downloads_is_consistent() {
     }
     for _ in 0..2 {
         let (stop, downloads) = (stop.clone(), downloads.clone());
-        let s2 = Server {
-            dir: tempfile::tempdir().unwrap(),
-            addr: addr.clone(),
-            child: None,
-            log: Default::default(),
-            extra: vec![],
-        };
+        let s2 = s.handle();
         let disk = disk.clone();
         threads.push(std::thread::spawn(move || {
             let path = format!("/v1/blobs/{}", sha256_digest(&disk));
@@ -252,10 +228,7 @@ fn backup_of_a_stopped_database_and_its_refusals() {
     assert_check_clean(s.data_dir());
     let copy = Server::start_in(out, &[]);
     assert_eq!(catalog(&copy), listed);
-    let aid = &m.artifact_id;
-    let r = copy.get(&format!(
-        "/v1/images/off/versions/1.0/artifacts/{aid}/download"
-    ));
+    let r = copy.get(&m.download_path());
     assert!(
         r.status == 200 && r.body == disk,
         "the copy's download differs"
@@ -493,10 +466,7 @@ fn compaction_returns_the_space_of_a_retired_version() {
     );
     assert_check_clean(s.data_dir());
     s.start_again();
-    let aid = &m2.artifact_id;
-    let r = s.get(&format!(
-        "/v1/images/cmp/versions/2.0/artifacts/{aid}/download"
-    ));
+    let r = s.get(&m2.download_path());
     assert!(
         r.status == 200 && r.body == small,
         "the kept version is damaged by compaction"

@@ -9,25 +9,20 @@ use std::process::Command;
 /// Chromium needs to run as root in a container without a display, and to stay off the network.
 fn chromium(args: &[&str]) -> String {
     let profile = tempfile::tempdir().unwrap();
-    let out = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .args(args)
-        .output()
-        .expect("running chromium");
-    assert!(
-        out.status.success(),
-        "chromium {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = output_ok(
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .args(args),
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -50,22 +45,11 @@ fn catalog_page_in_a_browser() {
     let s = Server::start();
     let w = s.writer_token();
     // A display name that would be markup if it were not escaped.
-    let r = s.call(
-        "POST",
-        "/v1/images",
-        &w,
-        &json!({"name": "deb", "display_name": "Debian <b>12</b> & \"friends\""}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    let name = "Debian <b>12</b> & \"friends\"";
+    s.create_image(&w, &json!({"name": "deb", "display_name": name}));
     let (disk, meta, root) = (bytes(300_000, 1), bytes(2000, 2), bytes(150_000, 3));
     s.publish_image(&w, "deb", "12.5", &disk, &meta);
-    let r = s.call(
-        "PUT",
-        "/v1/images/deb/aliases/latest",
-        &w,
-        &json!({"version": "12.5"}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    s.put_alias(&w, "deb", "latest", "12.5");
 
     let page = s.get("/");
     assert_eq!(page.status, 200, "{}", page.text());
@@ -109,15 +93,7 @@ fn catalog_page_in_a_browser() {
                 "primary_media_type": "application/vnd.squashfs"}),
     );
     assert_eq!(r.status, 201, "{}", r.text());
-    let p = s.call(
-        "POST",
-        "/v1/images/deb/versions/12.6/publish",
-        &w,
-        &serde_json::Value::Null,
-    );
-    assert_eq!(p.status, 202, "{}", p.text());
-    let job = s.wait_job(&w, p.json()["id"].as_str().unwrap());
-    assert_eq!(job["state"], "succeeded", "{job}");
+    s.publish(&w, "deb", "12.6");
     let moved = s.get_with("/", &[("If-None-Match", &etag)]);
     assert_eq!(moved.status, 200, "a publish must change the tag");
 

@@ -4,7 +4,7 @@
 
 use crate::util::*;
 use serde_json::{Value, json};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const INDEX: &str = "/streams/v1/index.json";
 const IMAGES: &str = "/streams/v1/images.json";
@@ -22,47 +22,22 @@ fn versions(s: &Server, image: &str) -> Vec<String> {
         .collect()
 }
 
-fn put_alias(s: &Server, w: &str, image: &str, alias: &str, version: &str) {
-    let r = s.call(
-        "PUT",
-        &format!("/v1/images/{image}/aliases/{alias}"),
-        w,
-        &json!({ "version": version }),
-    );
-    json_ok(&r, 200);
-}
-
-fn retire(s: &Server, w: &str, image: &str, version: &str) -> Resp {
-    s.call(
-        "DELETE",
-        &format!("/v1/images/{image}/versions/{version}"),
-        w,
-        &Value::Null,
-    )
-}
-
-/// Polls `f` until it returns true (20 s limit, for the sweeper's one-second rounds).
-fn eventually(what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 fn metrics(s: &Server) -> String {
-    let line = s
-        .log_text()
-        .lines()
-        .find(|l| l.contains("metrics on http://"))
-        .expect("metrics line")
-        .to_string();
-    let addr = line[line.find("http://").unwrap() + 7..]
-        .split('/')
-        .next()
+    raw_request(&metrics_addr(s), "GET", "/metrics", &[], None).text()
+}
+
+/// `(version, reason)` of each entry of a retention preview's `keep` or `retire` list.
+fn decisions(list: &Value) -> Vec<(&str, &str)> {
+    list.as_array()
         .unwrap()
-        .to_string();
-    raw_request(&addr, "GET", "/metrics", &[], None).text()
+        .iter()
+        .map(|k| {
+            (
+                k["version"].as_str().unwrap(),
+                k["reason"].as_str().unwrap(),
+            )
+        })
+        .collect()
 }
 
 /// The download URLs of a published version's first artifact: by id, by file name, and of its
@@ -99,36 +74,32 @@ fn retired_version_leaves_the_catalog_at_once_and_its_files_after_the_grace() {
     let meta = b"shared incus metadata".to_vec();
     let old = s.publish_image(&w, "ret", "1.0", &disk_old, &meta);
     s.publish_image(&w, "ret", "2.0", &disk_new, &meta);
-    put_alias(&s, &w, "ret", "latest", "2.0");
-    put_alias(&s, &w, "ret", "stable", "1.0");
-    put_alias(&s, &w, "ret", "old", "1.0");
+    s.put_alias(&w, "ret", "latest", "2.0");
+    s.put_alias(&w, "ret", "stable", "1.0");
+    s.put_alias(&w, "ret", "old", "1.0");
 
     // Aliased: 409 naming every alias; nothing changes.
-    retire(&s, &w, "ret", "1.0").assert_problem(
+    s.retire(&w, "ret", "1.0").assert_problem(
         409,
         "is the target of aliases old, stable; move or delete them first",
     );
     assert_eq!(versions(&s, "ret"), ["2.0", "1.0"]);
     for a in ["old", "stable"] {
-        let r = s.call(
-            "DELETE",
-            &format!("/v1/images/ret/aliases/{a}"),
-            &w,
-            &Value::Null,
-        );
-        assert_eq!(r.status, 204);
+        assert_eq!(s.delete_alias(&w, "ret", a).status, 204);
     }
     // Without a token, and with a token that may not write: nothing changes either.
-    retire(&s, "", "ret", "1.0").assert_problem(401, "invalid bearer token");
+    s.retire("", "ret", "1.0")
+        .assert_problem(401, "invalid bearer token");
     let reader = s.token_with_roles(&[]);
-    retire(&s, &reader, "ret", "1.0").assert_problem(403, "content.write");
+    s.retire(&reader, "ret", "1.0")
+        .assert_problem(403, "content.write");
 
     let index_before = s.get(INDEX);
     let images_before = s.get(IMAGES);
     assert!(images_before.text().contains("ret:1.0:amd64:default"));
     assert!(index_before.text().contains("ret:1.0:amd64:default"));
 
-    let r = retire(&s, &w, "ret", "1.0");
+    let r = s.retire(&w, "ret", "1.0");
     assert_eq!(r.status, 204, "{}", r.text());
     assert!(r.body.is_empty());
 
@@ -155,14 +126,10 @@ fn retired_version_leaves_the_catalog_at_once_and_its_files_after_the_grace() {
         assert_ne!(after.header("ETag"), before.header("ETag"), "{doc}");
     }
     // The name stays reserved, and a second DELETE is a 404.
-    s.call(
-        "POST",
-        "/v1/images/ret/versions",
-        &w,
-        &json!({"version": "1.0"}),
-    )
-    .assert_problem(409, "was retired at");
-    retire(&s, &w, "ret", "1.0").assert_problem(404, "already retired");
+    s.request_version(&w, "ret", "1.0")
+        .assert_problem(409, "was retired at");
+    s.retire(&w, "ret", "1.0")
+        .assert_problem(404, "already retired");
 
     // Within the grace, every direct download URL still serves the bytes.
     let urls = download_urls("ret", &old.manifest);
@@ -199,14 +166,14 @@ fn retired_version_leaves_the_catalog_at_once_and_its_files_after_the_grace() {
 
     // After the grace: the catalog URLs answer 410, and the bytes only the retired version
     // used are reclaimed; the shared metadata blob and the other version stay.
-    eventually("the grace to pass", || s.get(&urls[0]).status == 410);
+    wait_until(20, "the grace has passed", || s.get(&urls[0]).status == 410);
     s.get(&urls[1]).assert_problem(410, "was retired at");
     s.get(&urls[2])
         .assert_problem(410, "its files were downloadable until");
     let h = s.head(&urls[0]);
     assert_eq!(h.status, 410);
     assert!(h.body.is_empty());
-    eventually("the retired disk to be collected", || {
+    wait_until(20, "the retired disk is collected", || {
         s.get(&disk_blob).status == 404
     });
     let r = s.get(&meta_blob);
@@ -215,13 +182,8 @@ fn retired_version_leaves_the_catalog_at_once_and_its_files_after_the_grace() {
     assert_eq!((r.status, &r.body), (200, &disk_new));
     assert_eq!(versions(&s, "ret"), ["2.0"]);
     // The name is still reserved after the purge, and the log says the sweeper purged it.
-    s.call(
-        "POST",
-        "/v1/images/ret/versions",
-        &w,
-        &json!({"version": "1.0"}),
-    )
-    .assert_problem(409, "a retired version's name is never reused");
+    s.request_version(&w, "ret", "1.0")
+        .assert_problem(409, "a retired version's name is never reused");
     assert!(s.log_text().contains("sweeper purged 1 retired versions"));
 }
 
@@ -231,16 +193,20 @@ fn only_published_versions_are_retired() {
     let w = s.writer_token();
     s.publish_image(&w, "img", "1.0", b"disk-1", b"meta-1");
     draft_with_artifact(&s, &w, "img", "2.0-draft", b"disk-2");
-    retire(&s, &w, "img", "2.0-draft").assert_problem(409, "is a draft");
+    s.retire(&w, "img", "2.0-draft")
+        .assert_problem(409, "is a draft");
     // The draft is untouched: still there and still editable.
     let m = json_ok(&s.get("/v1/images/img/versions/2.0-draft"), 200);
     assert_eq!(m["version"]["state"], "draft");
-    retire(&s, &w, "img", "9.9").assert_problem(404, "catalog not found");
-    retire(&s, &w, "nope", "1.0").assert_problem(404, "catalog not found");
-    retire(&s, &w, "Bad", "1.0").assert_problem(400, "image name must match");
+    s.retire(&w, "img", "9.9")
+        .assert_problem(404, "catalog not found");
+    s.retire(&w, "nope", "1.0")
+        .assert_problem(404, "catalog not found");
+    s.retire(&w, "Bad", "1.0")
+        .assert_problem(400, "image name must match");
     // The newest (and only) published version may be retired by request when no alias
     // points at it; the image then disappears from the public listings.
-    assert_eq!(retire(&s, &w, "img", "1.0").status, 204);
+    assert_eq!(s.retire(&w, "img", "1.0").status, 204);
     s.get("/v1/images/img")
         .assert_problem(404, "catalog not found");
     assert_eq!(json_ok(&s.get("/v1/images"), 200), json!({"images": []}));
@@ -250,12 +216,9 @@ fn only_published_versions_are_retired() {
 fn retention_policy_crud_and_validation() {
     let s = Server::start();
     let w = s.writer_token();
-    let put = |image: &str, body: Value| {
-        s.call("PUT", &format!("/v1/images/{image}/retention"), &w, &body)
-    };
+    let put = |image: &str, body: Value| s.put_retention(&w, image, &body);
     put("nope", json!({"keep_last": 3})).assert_problem(404, "catalog not found");
-    let r = s.call("POST", "/v1/images", &w, &json!({"name": "pol"}));
-    assert_eq!(r.status, 201);
+    s.create_image(&w, &json!({"name": "pol"}));
     s.get("/v1/images/pol/retention")
         .assert_problem(404, "has no retention policy");
     for (body, detail) in [
@@ -272,13 +235,8 @@ fn retention_policy_crud_and_validation() {
     ] {
         put("pol", body).assert_problem(400, detail);
     }
-    s.call(
-        "PUT",
-        "/v1/images/pol/retention",
-        "",
-        &json!({"keep_last": 3}),
-    )
-    .assert_problem(401, "invalid bearer token");
+    s.put_retention("", "pol", &json!({"keep_last": 3}))
+        .assert_problem(401, "invalid bearer token");
 
     // Set before the image has any published version; read anonymously.
     let j = json_ok(&put("pol", json!({"keep_last": 3, "keep_days": 30})), 200);
@@ -310,37 +268,15 @@ fn keep_last_runs_after_publish_and_spares_aliases_and_the_newest() {
     let w = s.writer_token();
     s.publish_image(&w, "app", "1", b"disk-1", b"meta");
     s.publish_image(&w, "app", "2", b"disk-2", b"meta");
-    put_alias(&s, &w, "app", "stable", "1");
-    let r = s.call(
-        "PUT",
-        "/v1/images/app/retention",
-        &w,
-        &json!({"keep_last": 1}),
-    );
-    json_ok(&r, 200);
+    s.put_alias(&w, "app", "stable", "1");
+    json_ok(&s.put_retention(&w, "app", &json!({"keep_last": 1})), 200);
 
     // The stored policy, previewed: 2 is the newest, 1 carries an alias; nothing to retire.
-    let preview = |body: &Value| {
-        json_ok(
-            &s.call("POST", "/v1/images/app/retention/preview", &w, body),
-            200,
-        )
-    };
-    let p = preview(&Value::Null);
+    let preview = || json_ok(&s.preview_retention(&w, "app", &Value::Null), 200);
+    let p = preview();
     assert_eq!(p["retire"], json!([]), "{p}");
-    let keep: Vec<(&str, &str)> = p["keep"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| {
-            (
-                k["version"].as_str().unwrap(),
-                k["reason"].as_str().unwrap(),
-            )
-        })
-        .collect();
     assert_eq!(
-        keep,
+        decisions(&p["keep"]),
         [
             ("2", "newest published version"),
             ("1", "alias target (stable)")
@@ -363,9 +299,8 @@ fn keep_last_runs_after_publish_and_spares_aliases_and_the_newest() {
     assert!(line.contains("not among the newest 1"), "{line}");
 
     // Once the alias goes, the sweeper retires 1 as well; 3, the newest, always stays.
-    let r = s.call("DELETE", "/v1/images/app/aliases/stable", &w, &Value::Null);
-    assert_eq!(r.status, 204);
-    eventually("the sweeper to apply the policy", || {
+    assert_eq!(s.delete_alias(&w, "app", "stable").status, 204);
+    wait_until(20, "the sweeper applies the policy", || {
         versions(&s, "app") == ["3"]
     });
     let m = metrics(&s);
@@ -374,7 +309,7 @@ fn keep_last_runs_after_publish_and_spares_aliases_and_the_newest() {
         "{m}"
     );
     assert!(m.contains("imgsrv_versions_retired_total{reason=\"request\"} 0\n"));
-    let p = preview(&Value::Null);
+    let p = preview();
     assert_eq!(p["retire"], json!([]));
     assert_eq!(p["keep"][0]["version"], "3");
 }
@@ -386,31 +321,18 @@ fn preview_of_a_proposed_policy_changes_nothing() {
     for v in ["1", "2", "3"] {
         s.publish_image(&w, "pre", v, format!("disk-{v}").as_bytes(), b"meta");
     }
-    let preview = |body: Value| s.call("POST", "/v1/images/pre/retention/preview", &w, &body);
+    let preview = |body: Value| s.preview_retention(&w, "pre", &body);
     // No stored policy and no body: nothing to preview.
     preview(Value::Null).assert_problem(404, "has no retention policy");
     preview(json!({"keep_last": 0})).assert_problem(400, "keep_last must be between");
-    s.call(
-        "POST",
-        "/v1/images/pre/retention/preview",
-        "",
-        &json!({"keep_last": 1}),
-    )
-    .assert_problem(401, "invalid bearer token");
+    s.preview_retention("", "pre", &json!({"keep_last": 1}))
+        .assert_problem(401, "invalid bearer token");
 
     let p = json_ok(&preview(json!({"keep_last": 2})), 200);
-    let retire: Vec<(&str, &str)> = p["retire"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| {
-            (
-                k["version"].as_str().unwrap(),
-                k["reason"].as_str().unwrap(),
-            )
-        })
-        .collect();
-    assert_eq!(retire, [("1", "retention policy: not among the newest 2")]);
+    assert_eq!(
+        decisions(&p["retire"]),
+        [("1", "retention policy: not among the newest 2")]
+    );
     assert_eq!(p["keep"].as_array().unwrap().len(), 2);
 
     // keep_days counts from publish time: versions published moments ago are all young, so
@@ -427,15 +349,7 @@ fn preview_of_a_proposed_policy_changes_nothing() {
         .assert_problem(404, "has no retention policy");
     assert_eq!(versions(&s, "pre"), ["3", "2", "1"]);
     // A stored keep_days policy leaves young versions alone through publishes and sweeps.
-    json_ok(
-        &s.call(
-            "PUT",
-            "/v1/images/pre/retention",
-            &w,
-            &json!({"keep_days": 1}),
-        ),
-        200,
-    );
+    json_ok(&s.put_retention(&w, "pre", &json!({"keep_days": 1})), 200);
     s.publish_image(&w, "pre", "4", b"disk-4", b"meta");
     std::thread::sleep(Duration::from_millis(2500));
     assert_eq!(versions(&s, "pre"), ["4", "3", "2", "1"]);

@@ -12,7 +12,6 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 pub type Hash = [u8; 32];
 
@@ -191,15 +190,6 @@ pub fn stop_and_read(s: &mut Server) -> Db {
     Db::read(&s.db_path())
 }
 
-/// Polls `f` every 50 ms until it returns true; panics with `what` after `secs` seconds.
-pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// One sample of an unlabelled series from the metrics endpoint.
 pub fn metric(metrics: &str, name: &str) -> f64 {
     let r = raw_request(metrics, "GET", "/metrics", &[], None);
@@ -215,12 +205,7 @@ pub fn metric(metrics: &str, name: &str) -> f64 {
 
 /// Begins an upload session for `data`; returns its id.
 pub fn begin(s: &Server, token: &str, data: &[u8]) -> String {
-    let r = s.call(
-        "POST",
-        "/v1/uploads",
-        token,
-        &json!({"expected_digest": sha256_digest(data), "expected_size_bytes": data.len()}),
-    );
+    let r = s.begin_upload(token, data);
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["state"], "created");
     r.json()["id"].as_str().unwrap().to_string()

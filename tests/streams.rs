@@ -70,30 +70,6 @@ fn draft(s: &Server, token: &str, image: &str, version: &str, arts: &[Art]) -> V
     ids
 }
 
-/// Publishes a draft and waits for the job to succeed.
-fn publish(s: &Server, token: &str, image: &str, version: &str) {
-    let p = s.call(
-        "POST",
-        &format!("/v1/images/{image}/versions/{version}/publish"),
-        token,
-        &Value::Null,
-    );
-    assert_eq!(p.status, 202, "{}", p.text());
-    let job = p.json()["id"].as_str().unwrap().to_string();
-    let done = s.wait_job(token, &job);
-    assert_eq!(done["state"], "succeeded", "{done}");
-}
-
-fn put_alias(s: &Server, token: &str, image: &str, alias: &str, version: &str) {
-    let r = s.call(
-        "PUT",
-        &format!("/v1/images/{image}/aliases/{alias}"),
-        token,
-        &json!({"version": version}),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
 /// Fetches a document, checks the headers every 200 carries, and returns it with its ETag.
 fn fetch(s: &Server, path: &str) -> (Value, String) {
     let r = s.get(path);
@@ -190,7 +166,7 @@ fn only_eligible_artifacts_are_listed() {
             },
         ],
     );
-    publish(&s, &w, "img", "1.0");
+    s.publish(&w, "img", "1.0");
     assert_eq!(product_keys(&s), ["img:1.0:amd64:default"]);
     let p = &products(&s)["img:1.0:amd64:default"];
     assert_eq!(p["arch"], "amd64");
@@ -329,7 +305,7 @@ fn aliases_are_resolved_at_render_time() {
     let (_, index0) = fetch(&s, INDEX);
     let (_, e0) = fetch(&s, IMAGES);
 
-    put_alias(&s, &w, "img", "latest", "1.0");
+    s.put_alias(&w, "img", "latest", "1.0");
     let p = products(&s);
     assert_eq!(p["img:1.0:amd64:default"]["aliases"], "img/1.0,img/latest");
     assert_eq!(p["img:1.1:amd64:default"]["aliases"], "img/1.1");
@@ -338,7 +314,7 @@ fn aliases_are_resolved_at_render_time() {
     // A client holding the old document gets the new one.
     assert_eq!(s.get_with(IMAGES, &[("If-None-Match", &e0)]).status, 200);
 
-    put_alias(&s, &w, "img", "latest", "1.1");
+    s.put_alias(&w, "img", "latest", "1.1");
     let p = products(&s);
     assert_eq!(p["img:1.0:amd64:default"]["aliases"], "img/1.0");
     assert_eq!(p["img:1.1:amd64:default"]["aliases"], "img/1.1,img/latest");
@@ -364,7 +340,7 @@ fn identical_bytes_are_listed_once() {
     let (disk, meta) = (bytes(5000, 41), bytes(400, 42));
     s.publish_image(&w, "img", "1.0", &disk, &meta);
     s.publish_image(&w, "img", "1.1", &disk, &meta);
-    put_alias(&s, &w, "img", "latest", "1.1");
+    s.put_alias(&w, "img", "latest", "1.1");
     let p = products(&s);
     assert_eq!(p.keys().collect::<Vec<_>>(), ["img:1.0:amd64:default"]);
     assert_eq!(
@@ -441,7 +417,7 @@ fn unknown_architectures_are_left_out_and_logged_once_per_render() {
             },
         ],
     );
-    publish(&s, &w, "img", "1.0");
+    s.publish(&w, "img", "1.0");
     // The log is read by another thread, so wait until a line arrives before counting.
     let warned = |at_least: usize| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -461,7 +437,7 @@ fn unknown_architectures_are_left_out_and_logged_once_per_render() {
     }
     // Both documents come from one render, cached until the catalog changes.
     assert_eq!(warned(1), 1, "{}", s.log_text());
-    put_alias(&s, &w, "img", "latest", "1.0");
+    s.put_alias(&w, "img", "latest", "1.0");
     assert_eq!(product_keys(&s), ["img:1.0:amd64:default"]);
     assert_eq!(warned(2), 2, "{}", s.log_text());
 }
@@ -514,7 +490,7 @@ fn a_unified_version_is_one_product_with_both_images() {
         json!({"secureboot": "false"}),
     );
     add_incus_artifact(&s, &w, "1.0", "squashfs", &root, &meta, Value::Null);
-    publish(&s, &w, "uni", "1.0");
+    s.publish(&w, "uni", "1.0");
     let (images, _) = fetch(&s, IMAGES);
     let p = &images["products"]["uni:1.0:amd64:default"];
     assert_eq!(p["requirements"], json!({"secureboot": "false"}));
@@ -561,13 +537,8 @@ fn a_unified_version_needs_one_metadata_file_and_agreeing_requirements() {
     draft(&s, &w, "uni", "1.0", &[]);
     add_incus_artifact(&s, &w, "1.0", "qcow2", &disk, b"meta one", Value::Null);
     add_incus_artifact(&s, &w, "1.0", "squashfs", &root, b"meta two", Value::Null);
-    let r = s.call(
-        "POST",
-        "/v1/images/uni/versions/1.0/publish",
-        &w,
-        &Value::Null,
-    );
-    r.assert_problem(412, "carry different incus.tar.xz bytes");
+    s.request_publish(&w, "uni", "1.0")
+        .assert_problem(412, "carry different incus.tar.xz bytes");
     assert_eq!(
         s.get("/v1/images/uni/versions/1.0").json()["version"]["state"],
         "draft",
@@ -593,13 +564,8 @@ fn a_unified_version_needs_one_metadata_file_and_agreeing_requirements() {
         b"meta",
         json!({"secureboot": "true"}),
     );
-    let r = s.call(
-        "POST",
-        "/v1/images/uni/versions/2.0/publish",
-        &w,
-        &Value::Null,
-    );
-    r.assert_problem(412, "secureboot");
+    s.request_publish(&w, "uni", "2.0")
+        .assert_problem(412, "secureboot");
 
     // Requirements belong to the formats Incus lists, and must be plain short text.
     let d = s.upload(&w, &disk);

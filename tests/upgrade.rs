@@ -89,37 +89,19 @@ fn schema1_database_is_upgraded_in_place() {
         .unwrap()
         .trim()
         .to_string();
-    s.call(
-        "DELETE",
-        "/v1/images/fixture/versions/1.1",
-        &w,
-        &Value::Null,
-    )
-    .assert_problem(409, "is the target of alias latest");
-    let r = s.call(
-        "PUT",
-        "/v1/images/fixture/retention",
-        &w,
-        &json!({"keep_last": 1}),
-    );
-    json_ok(&r, 200);
-    let p = json_ok(
-        &s.call(
-            "POST",
-            "/v1/images/fixture/retention/preview",
-            &w,
-            &Value::Null,
-        ),
+    s.retire(&w, "fixture", "1.1")
+        .assert_problem(409, "is the target of alias latest");
+    json_ok(
+        &s.put_retention(&w, "fixture", &json!({"keep_last": 1})),
         200,
     );
+    let p = json_ok(&s.preview_retention(&w, "fixture", &Value::Null), 200);
     assert_eq!(p["retire"][0]["version"], "1.0", "{p}");
     assert_eq!(p["retire"].as_array().unwrap().len(), 1);
     // The sweeper applies the stored policy.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while version_names(&s) != ["1.1"] {
-        assert!(Instant::now() < deadline, "the policy was not applied");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(20, "the sweeper applies the policy", || {
+        version_names(&s) == ["1.1"]
+    });
     assert!(
         !s.get("/streams/v1/images.json")
             .text()
@@ -146,13 +128,8 @@ fn schema1_database_is_upgraded_in_place() {
         json_ok(&s.get("/v1/images/fixture/retention"), 200)["keep_last"],
         1
     );
-    s.call(
-        "POST",
-        "/v1/images/fixture/versions",
-        &w,
-        &json!({"version": "1.0"}),
-    )
-    .assert_problem(409, "was retired at");
+    s.request_version(&w, "fixture", "1.0")
+        .assert_problem(409, "was retired at");
 }
 
 /// Writes `schema_version` into a database file's `meta` table, as a later release would.

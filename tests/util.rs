@@ -1,11 +1,16 @@
 //! Shared helpers for the integration tests: start the real binary on an ephemeral loopback
-//! port with a fresh data directory, talk raw HTTP/1.1 to it, and set up the usual fixtures
-//! (a content-writer token, an uploaded blob, a published version).
+//! port with a fresh data directory, talk raw HTTP/1.1 to it, set up the usual fixtures (a
+//! content-writer token, an uploaded blob, a published version), and take the API's other
+//! steps (drafts, publishing, aliases, retention, tokens) one call each.
 #![allow(dead_code)]
 
+mod images;
+mod nginx;
 pub mod tables;
 mod tls;
 
+pub use images::{image_dir, incus_tar_xz};
+pub use nginx::Nginx;
 pub use tls::{ec_req, self_signed_cert, sign};
 
 use serde_json::{Value, json};
@@ -13,7 +18,7 @@ use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,16 +48,7 @@ impl Server {
 
     /// Starts with extra `serve` flags (e.g. `["--upload-ttl", "2s"]`).
     pub fn start_with(extra: &[&str]) -> Server {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut s = Server {
-            dir,
-            addr: String::new(),
-            child: None,
-            log: Arc::new(Mutex::new(String::new())),
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        s.spawn();
-        s
+        Server::start_in(tempfile::tempdir().expect("tempdir"), extra)
     }
 
     /// Starts with a data directory the caller made (say, on a filesystem it mounted).
@@ -77,6 +73,18 @@ impl Server {
         let mut args = vec!["--tls-cert", c.as_str(), "--tls-key", k.as_str()];
         args.extend_from_slice(extra);
         (Server::start_with(&args), cert)
+    }
+
+    /// Another handle on this running server, for a thread of its own: it sends requests to the
+    /// same address and owns no process, so dropping it stops nothing.
+    pub fn handle(&self) -> Server {
+        Server {
+            dir: tempfile::tempdir().expect("tempdir"),
+            addr: self.addr.clone(),
+            child: None,
+            log: Default::default(),
+            extra: Vec::new(),
+        }
     }
 
     /// SIGTERM, then waits for the exit (a clean stop closes the database).
@@ -183,6 +191,26 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// How many request log lines name `route` (a route template) with `status`. A line is
+    /// written just after its response, so this waits up to five seconds for `at_least` of
+    /// them, then a moment longer so that a line too many shows too.
+    pub fn logged(&self, route: &str, status: u16, at_least: usize) -> usize {
+        let needle = format!("route={route} ");
+        let status = format!("status={status} ");
+        let count = || {
+            self.log_text()
+                .lines()
+                .filter(|l| l.contains(" request ") && l.contains(&needle) && l.contains(&status))
+                .count()
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while count() < at_least && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        count()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -237,12 +265,7 @@ impl Server {
 
     pub fn token_with_roles(&self, roles: &[&str]) -> String {
         let admin = self.bootstrap_token();
-        let p = self.call(
-            "POST",
-            "/v1/auth/principals",
-            &admin,
-            &json!({"kind": "service", "display_name": "test"}),
-        );
+        let p = self.new_principal(&admin, "test");
         assert_eq!(p.status, 201, "{}", p.text());
         let id = p.json()["id"].as_str().unwrap().to_string();
         for r in roles {
@@ -254,14 +277,53 @@ impl Server {
             );
             assert_eq!(r.status, 204, "{}", r.text());
         }
-        let t = self.call(
-            "POST",
-            &format!("/v1/auth/principals/{id}/api-tokens"),
-            &admin,
-            &json!({"name": "t", "expires_at": "2099-01-01T00:00:00Z"}),
-        );
+        let t = self.issue_token(&admin, &id);
         assert_eq!(t.status, 201, "{}", t.text());
         t.json()["plaintext"].as_str().unwrap().to_string()
+    }
+
+    /// Asks (with an auth manager's token) for a new service principal and returns the
+    /// answer, for the caller to judge.
+    pub fn new_principal(&self, admin: &str, display_name: &str) -> Resp {
+        self.call(
+            "POST",
+            "/v1/auth/principals",
+            admin,
+            &json!({"kind": "service", "display_name": display_name}),
+        )
+    }
+
+    /// Asks (with an auth manager's token) for an API token of a principal, valid until 2099,
+    /// and returns the answer, for the caller to judge.
+    pub fn issue_token(&self, admin: &str, principal_id: &str) -> Resp {
+        self.call(
+            "POST",
+            &format!("/v1/auth/principals/{principal_id}/api-tokens"),
+            admin,
+            &json!({"name": "t", "expires_at": "2099-01-01T00:00:00Z"}),
+        )
+    }
+
+    /// Asks for an upload session for `data` (its digest and size) and returns the answer, for
+    /// the caller to judge.
+    pub fn begin_upload(&self, token: &str, data: &[u8]) -> Resp {
+        self.call(
+            "POST",
+            "/v1/uploads",
+            token,
+            &json!({"expected_digest": sha256_digest(data), "expected_size_bytes": data.len()}),
+        )
+    }
+
+    /// Asks for an upload session to be aborted and returns the answer, for the caller to
+    /// judge.
+    pub fn abort_upload(&self, token: &str, id: &str) -> Resp {
+        self.call(
+            "POST",
+            &format!("/v1/uploads/{id}/abort"),
+            token,
+            &Value::Null,
+        )
     }
 
     /// Uploads `data` as the given parts (byte ranges, uploaded in the given order) and completes.
@@ -272,13 +334,7 @@ impl Server {
         data: &[u8],
         parts: &[(u32, std::ops::Range<usize>)],
     ) -> Value {
-        let digest = sha256_digest(data);
-        let begin = self.call(
-            "POST",
-            "/v1/uploads",
-            token,
-            &json!({"expected_digest": digest, "expected_size_bytes": data.len()}),
-        );
+        let begin = self.begin_upload(token, data);
         assert!(
             begin.status == 201 || begin.status == 200,
             "{}",
@@ -329,25 +385,9 @@ impl Server {
         meta: &[u8],
     ) -> Published {
         let a = draft_with_artifact(self, token, image, version, disk);
-        let m = self.upload(token, meta);
-        let aid = a["id"].as_str().unwrap().to_string();
-        let t = self.call(
-            "POST",
-            &format!("/v1/images/{image}/versions/{version}/artifacts/{aid}/attachments"),
-            token,
-            &json!({"name": "incus.tar.xz", "media_type": "application/x-xz", "blob_digest": m, "blob_size_bytes": meta.len()}),
-        );
-        assert_eq!(t.status, 201, "{}", t.text());
-        let p = self.call(
-            "POST",
-            &format!("/v1/images/{image}/versions/{version}/publish"),
-            token,
-            &Value::Null,
-        );
-        assert_eq!(p.status, 202, "{}", p.text());
-        let job = p.json()["id"].as_str().unwrap().to_string();
-        let done = self.wait_job(token, &job);
-        assert_eq!(done["state"], "succeeded", "{done}");
+        let aid = a["id"].as_str().unwrap();
+        self.attach_incus_tar_xz(token, image, version, aid, meta);
+        self.publish(token, image, version);
         let manifest = json_ok(
             &self.get(&format!("/v1/images/{image}/versions/{version}")),
             200,
@@ -358,6 +398,121 @@ impl Server {
             version_id: id_of(&manifest["version"]["id"]),
             manifest,
         }
+    }
+
+    /// Creates an image from its JSON description (`name`, optionally `display_name`).
+    pub fn create_image(&self, token: &str, image: &Value) {
+        let r = self.call("POST", "/v1/images", token, image);
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+
+    /// Asks for a new draft version of an image and returns the answer, for the caller to
+    /// judge.
+    pub fn request_version(&self, token: &str, image: &str, version: &str) -> Resp {
+        self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions"),
+            token,
+            &json!({"version": version}),
+        )
+    }
+
+    /// Creates a draft version of an existing image.
+    pub fn create_version(&self, token: &str, image: &str, version: &str) {
+        let r = self.request_version(token, image, version);
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+
+    /// Uploads `meta` and attaches it to a draft's artifact as its `incus.tar.xz`.
+    pub fn attach_incus_tar_xz(
+        &self,
+        token: &str,
+        image: &str,
+        version: &str,
+        artifact_id: &str,
+        meta: &[u8],
+    ) {
+        let m = self.upload(token, meta);
+        let t = self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions/{version}/artifacts/{artifact_id}/attachments"),
+            token,
+            &json!({"name": "incus.tar.xz", "media_type": "application/x-xz", "blob_digest": m, "blob_size_bytes": meta.len()}),
+        );
+        assert_eq!(t.status, 201, "{}", t.text());
+    }
+
+    /// Asks for a draft version to be published and returns the answer, for the caller to
+    /// judge.
+    pub fn request_publish(&self, token: &str, image: &str, version: &str) -> Resp {
+        self.call(
+            "POST",
+            &format!("/v1/images/{image}/versions/{version}/publish"),
+            token,
+            &Value::Null,
+        )
+    }
+
+    /// Publishes a draft version and waits for its job to succeed. Returns the finished job.
+    pub fn publish(&self, token: &str, image: &str, version: &str) -> Value {
+        let p = self.request_publish(token, image, version);
+        assert_eq!(p.status, 202, "{}", p.text());
+        let done = self.wait_job(token, p.json()["id"].as_str().unwrap());
+        assert_eq!(done["state"], "succeeded", "{done}");
+        done
+    }
+
+    /// Points an alias at a version; asserts a JSON success response and returns its body.
+    pub fn put_alias(&self, token: &str, image: &str, alias: &str, version: &str) -> Value {
+        let r = self.call(
+            "PUT",
+            &format!("/v1/images/{image}/aliases/{alias}"),
+            token,
+            &json!({"version": version}),
+        );
+        json_ok(&r, 200)
+    }
+
+    /// Deletes an alias and returns the answer, for the caller to judge.
+    pub fn delete_alias(&self, token: &str, image: &str, alias: &str) -> Resp {
+        self.call(
+            "DELETE",
+            &format!("/v1/images/{image}/aliases/{alias}"),
+            token,
+            &Value::Null,
+        )
+    }
+
+    /// Stores an image's retention policy and returns the answer, for the caller to judge.
+    pub fn put_retention(&self, token: &str, image: &str, policy: &Value) -> Resp {
+        self.call(
+            "PUT",
+            &format!("/v1/images/{image}/retention"),
+            token,
+            policy,
+        )
+    }
+
+    /// Previews an image's retention, of the stored policy (`Value::Null`) or of a proposed
+    /// one, and returns the answer, for the caller to judge.
+    pub fn preview_retention(&self, token: &str, image: &str, policy: &Value) -> Resp {
+        self.call(
+            "POST",
+            &format!("/v1/images/{image}/retention/preview"),
+            token,
+            policy,
+        )
+    }
+
+    /// Retires a version (`DELETE` of the version) and returns the answer, for the caller to
+    /// judge.
+    pub fn retire(&self, token: &str, image: &str, version: &str) -> Resp {
+        self.call(
+            "DELETE",
+            &format!("/v1/images/{image}/versions/{version}"),
+            token,
+            &Value::Null,
+        )
     }
 
     /// Polls a publish job until it leaves queued/running (30 s limit).
@@ -390,6 +545,16 @@ pub struct Published {
     pub attachment_id: String,
 }
 
+impl Published {
+    /// The download path of the artifact's disk, by artifact id.
+    pub fn download_path(&self) -> String {
+        let image = self.manifest["image"]["name"].as_str().unwrap();
+        let version = self.manifest["version"]["version"].as_str().unwrap();
+        let aid = &self.artifact_id;
+        format!("/v1/images/{image}/versions/{version}/artifacts/{aid}/download")
+    }
+}
+
 /// Stops a helper daemon (nginx): SIGTERM, which lets its master stop the workers, then SIGKILL
 /// if it lingers past ten seconds.
 pub fn stop_daemon(mut child: Child) {
@@ -407,21 +572,36 @@ pub fn stop_daemon(mut child: Child) {
     let _ = child.wait();
 }
 
-/// Starts nginx with `prefix/nginx.conf` as its configuration and the prefix as its working
-/// directory (logs, pid and temp files stay in there). The caller stops it.
-pub fn spawn_nginx(prefix: &Path) -> Child {
-    Command::new("nginx")
-        .arg("-p")
-        .arg(prefix)
-        .arg("-c")
-        .arg(prefix.join("nginx.conf"))
-        .arg("-e")
-        .arg(prefix.join("error.log"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawning nginx")
+/// Polls `f` every 50 ms until it returns true; panics with `what` after `secs` seconds.
+pub fn wait_until(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A loopback port nobody listens on at the moment (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Runs `cmd` to its end and fails the test, naming the command and showing its error output,
+/// unless it succeeded. Returns the output.
+pub fn output_ok(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// The metrics listener's address, from the server's `metrics on http://...` log line (start the
@@ -672,13 +852,7 @@ pub fn draft_with_artifact(
     let d = s.upload(token, disk);
     let r = s.call("POST", "/v1/images", token, &json!({"name": image}));
     assert!(r.status == 201 || r.status == 409, "{}", r.text());
-    let r = s.call(
-        "POST",
-        &format!("/v1/images/{image}/versions"),
-        token,
-        &json!({"version": version}),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    s.create_version(token, image, version);
     let a = s.call(
         "POST",
         &format!("/v1/images/{image}/versions/{version}/artifacts"),

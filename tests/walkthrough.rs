@@ -20,15 +20,18 @@ fn readme_walkthrough_script() {
     std::fs::write(&meta, bytes(2048, 202)).unwrap();
 
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/walkthrough.sh");
-    let out = Command::new("bash")
-        .arg(script)
-        .arg(&disk)
-        .arg(&meta)
-        .env("IMGSRV", format!("http://{}", s.addr))
-        .env("TOKEN", &token)
-        .current_dir(dir.path())
-        .output()
-        .expect("running bash");
+    let walk_through = || {
+        Command::new("bash")
+            .arg(script)
+            .arg(&disk)
+            .arg(&meta)
+            .env("IMGSRV", format!("http://{}", s.addr))
+            .env("TOKEN", &token)
+            .current_dir(dir.path())
+            .output()
+            .expect("running bash")
+    };
+    let out = walk_through();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -47,15 +50,7 @@ fn readme_walkthrough_script() {
     let parts_route = "route=/v1/uploads/{upload_id}/parts/{part_number} ";
     let parts_before = s.log_text().matches(parts_route).count();
     assert_eq!(parts_before, 2, "{}", s.log_text());
-    let again = Command::new("bash")
-        .arg(script)
-        .arg(&disk)
-        .arg(&meta)
-        .env("IMGSRV", format!("http://{}", s.addr))
-        .env("TOKEN", &token)
-        .current_dir(dir.path())
-        .output()
-        .expect("running bash");
+    let again = walk_through();
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(!again.status.success(), "{stderr}");
     assert!(

@@ -2,7 +2,7 @@
 //! deleting one bumps the catalog generation, since Simple Streams and the catalog page show
 //! aliases.
 
-use super::read::{CatalogRead, image_not_found, image_version};
+use super::read::{CatalogRead, image_version};
 use super::tables::ALIASES;
 use super::{Store, begin_write_scope, bump_generation, decode, encode};
 use crate::clock::Timestamp;
@@ -59,9 +59,7 @@ impl Store {
         check_image_name(name)?;
         check_alias(alias)?;
         let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
+        let image = txn.image_named(name)?;
         let found = txn
             .open_table(ALIASES)?
             .get((image.id.as_u128(), alias))?
@@ -74,9 +72,7 @@ impl Store {
     pub fn list_aliases(&self, name: &str) -> Result<Vec<Alias>> {
         check_image_name(name)?;
         let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
+        let image = txn.image_named(name)?;
         txn.aliases_of(image.id)
     }
 
@@ -84,9 +80,7 @@ impl Store {
         check_image_name(name)?;
         check_alias(alias)?;
         begin_write_scope(self, |txn| {
-            let image = txn
-                .image_by_name(name)?
-                .ok_or_else(|| image_not_found(name))?;
+            let image = txn.image_named(name)?;
             let removed = txn
                 .open_table(ALIASES)?
                 .remove((image.id.as_u128(), alias))?

@@ -172,26 +172,13 @@ impl Store {
             }
             out
         };
-        let mut deleted = 0;
-        for digest in candidates {
-            // A blob that cannot be collected (say, its record is unreadable) is logged and
-            // skipped: failing the whole sweep would stop it at the same blob every time and
-            // leave every blob after it on disk for good.
-            match super::spending_headroom(self, "collect garbage", |txn| {
-                collect_if_unused(txn, &digest, now)
-            }) {
-                Ok(true) => deleted += 1,
-                Ok(false) => {}
-                Err(e) => crate::log::error(&format!(
-                    "garbage collection skipped blob {}: {e}",
-                    Digest::from(digest)
-                )),
-            }
-        }
-        if deleted > 0 {
-            self.settle_freed_pages();
-        }
-        Ok(deleted)
+        Ok(super::free_each(
+            self,
+            "collect garbage",
+            &candidates,
+            |txn, digest| collect_if_unused(txn, digest, now),
+            |digest| format!("garbage collection skipped blob {}", Digest::from(*digest)),
+        ))
     }
 }
 

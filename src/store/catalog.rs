@@ -150,9 +150,7 @@ impl Store {
     pub fn published_image(&self, name: &str) -> Result<Image> {
         check_image_name(name)?;
         let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
+        let image = txn.image_named(name)?;
         if !has_published(&txn, &image)? {
             return Err(image_not_found(name));
         }
@@ -163,9 +161,7 @@ impl Store {
         check_image_name(name)?;
         check_version(version)?;
         begin_write_scope(self, |txn| {
-            let image = txn
-                .image_by_name(name)?
-                .ok_or_else(|| image_not_found(name))?;
+            let image = txn.image_named(name)?;
             if txn.version_of(&image, version)?.is_some() {
                 return Err(Error::conflict(format!(
                     "catalog conflict: version {version:?} of image {name:?} already exists"
@@ -193,9 +189,7 @@ impl Store {
     pub fn list_published_versions(&self, name: &str) -> Result<Vec<ImageVersion>> {
         check_image_name(name)?;
         let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
+        let image = txn.image_named(name)?;
         let mut list: Vec<ImageVersion> = txn
             .versions_of(&image)?
             .into_iter()
@@ -230,9 +224,7 @@ impl Store {
         check_image_name(name)?;
         check_version(reference)?;
         let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
+        let image = txn.image_named(name)?;
         if let Some(v) = txn.version_of(&image, reference)?
             && v.state == VersionState::Published
         {
@@ -333,12 +325,7 @@ impl Store {
         artifact_id: Uuid,
     ) -> Result<(Image, ImageVersion, Artifact)> {
         let (image, v) = image_version(r, name, version)?;
-        let artifact = r
-            .artifact(artifact_id)?
-            .filter(|a| a.version_id == v.id)
-            .ok_or_else(|| {
-                Error::not_found(format!("catalog not found: artifact {artifact_id}"))
-            })?;
+        let artifact = r.version_artifact(v.id, artifact_id)?;
         Ok((image, v, artifact))
     }
 
@@ -420,12 +407,7 @@ impl Store {
         check_version(version)?;
         super::freeing_write_scope(self, "delete a draft attachment", |txn| {
             let (_, mut v, artifact) = Self::artifact_in(txn, name, version, artifact_id)?;
-            let att = txn
-                .attachment(attachment_id)?
-                .filter(|x| x.artifact_id == artifact.id)
-                .ok_or_else(|| {
-                    Error::not_found(format!("catalog not found: attachment {attachment_id}"))
-                })?;
+            let att = txn.artifact_attachment(artifact.id, attachment_id)?;
             require_draft(&v)?;
             remove_attachment(txn, &att)?;
             touch_version(txn, &mut v)
@@ -474,11 +456,7 @@ impl Store {
         if v.state != VersionState::Published {
             return Err(version_not_found(name, version));
         }
-        txn.attachment(attachment_id)?
-            .filter(|x| x.artifact_id == artifact.id)
-            .ok_or_else(|| {
-                Error::not_found(format!("catalog not found: attachment {attachment_id}"))
-            })
+        txn.artifact_attachment(artifact.id, attachment_id)
     }
 }
 

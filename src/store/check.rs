@@ -456,64 +456,32 @@ fn check_catalog(txn: &ReadTransaction, s: &mut State) {
         Ok(())
     });
     s.section("artifacts", |s| {
-        for (id, a) in json_rows::<Artifact>(txn, ARTIFACTS, "artifact", s)? {
-            if a.id != id {
-                s.problem(format!("artifact row {id} holds artifact {}", a.id));
-            }
-            if !s.versions.contains_key(&a.version_id) {
-                s.problem(format!(
-                    "artifact {id} belongs to missing version {}",
-                    a.version_id
-                ));
-            }
-            s.artifacts.insert(id, a);
-        }
-        let listed = pair_rows(txn, VERSION_ARTIFACTS)?;
-        for (v, a) in &listed {
-            if s.artifacts.get(a).map(|x| x.version_id) != Some(*v) {
-                s.problem(format!(
-                    "version_artifacts lists artifact {a} under version {v}, which does not hold it"
-                ));
-            }
-        }
-        let unlisted: Vec<String> = s
-            .artifacts
-            .values()
-            .filter(|a| !listed.contains(&(a.version_id, a.id)))
-            .map(|a| format!("artifact {} is not listed under its version", a.id))
-            .collect();
-        s.report.problems.extend(unlisted);
-        Ok(())
+        check_children(
+            txn,
+            s,
+            &Children {
+                rows: ARTIFACTS,
+                index: VERSION_ARTIFACTS,
+                names: ["artifact", "version", "version_artifacts"],
+                ids: |a: &Artifact| (a.id, a.version_id),
+                records: |s| &mut s.artifacts,
+                parent_exists: |s, v| s.versions.contains_key(&v),
+            },
+        )
     });
     s.section("attachments", |s| {
-        for (id, t) in json_rows::<Attachment>(txn, ATTACHMENTS, "attachment", s)? {
-            if t.id != id {
-                s.problem(format!("attachment row {id} holds attachment {}", t.id));
-            }
-            if !s.artifacts.contains_key(&t.artifact_id) {
-                s.problem(format!(
-                    "attachment {id} belongs to missing artifact {}",
-                    t.artifact_id
-                ));
-            }
-            s.attachments.insert(id, t);
-        }
-        let listed = pair_rows(txn, ARTIFACT_ATTACHMENTS)?;
-        for (a, t) in &listed {
-            if s.attachments.get(t).map(|x| x.artifact_id) != Some(*a) {
-                s.problem(format!(
-                    "artifact_attachments lists attachment {t} under artifact {a}, which does not hold it"
-                ));
-            }
-        }
-        let unlisted: Vec<String> = s
-            .attachments
-            .values()
-            .filter(|t| !listed.contains(&(t.artifact_id, t.id)))
-            .map(|t| format!("attachment {} is not listed under its artifact", t.id))
-            .collect();
-        s.report.problems.extend(unlisted);
-        Ok(())
+        check_children(
+            txn,
+            s,
+            &Children {
+                rows: ATTACHMENTS,
+                index: ARTIFACT_ATTACHMENTS,
+                names: ["attachment", "artifact", "artifact_attachments"],
+                ids: |t: &Attachment| (t.id, t.artifact_id),
+                records: |s| &mut s.attachments,
+                parent_exists: |s, a| s.artifacts.contains_key(&a),
+            },
+        )
     });
     s.section("blob references", |s| check_blob_refs(txn, s));
     s.section("aliases", |s| {
@@ -663,6 +631,58 @@ fn check_catalog(txn: &ReadTransaction, s: &mut State) {
         }
         Ok(())
     });
+}
+
+/// A catalog table whose records belong to parent records through a `(parent, child)` index
+/// table: artifacts under versions, attachments under artifacts.
+struct Children<'t, T> {
+    rows: redb::TableDefinition<'t, u128, &'static [u8]>,
+    index: redb::TableDefinition<'t, (u128, u128), ()>,
+    /// What the messages call a record, its parent and the index table.
+    names: [&'static str; 3],
+    /// A record's own id and its parent's.
+    ids: fn(&T) -> (Uuid, Uuid),
+    /// Where the checked records are kept, for the sections after this one.
+    records: fn(&mut State) -> &mut BTreeMap<Uuid, T>,
+    parent_exists: fn(&State, Uuid) -> bool,
+}
+
+/// Checks a table of child records: each row holds the record its key names, each record's
+/// parent exists, and the index lists every record, each under its own parent.
+fn check_children<T: serde::de::DeserializeOwned>(
+    txn: &ReadTransaction,
+    s: &mut State,
+    t: &Children<'_, T>,
+) -> Result<()> {
+    let [child, parent, index] = t.names;
+    for (id, x) in json_rows::<T>(txn, t.rows, child, s)? {
+        let (own, parent_id) = (t.ids)(&x);
+        if own != id {
+            s.problem(format!("{child} row {id} holds {child} {own}"));
+        }
+        if !(t.parent_exists)(s, parent_id) {
+            s.problem(format!(
+                "{child} {id} belongs to missing {parent} {parent_id}"
+            ));
+        }
+        (t.records)(s).insert(id, x);
+    }
+    let listed = pair_rows(txn, t.index)?;
+    for (p, c) in &listed {
+        if (t.records)(s).get(c).map(|x| (t.ids)(x).1) != Some(*p) {
+            s.problem(format!(
+                "{index} lists {child} {c} under {parent} {p}, which does not hold it"
+            ));
+        }
+    }
+    let unlisted: Vec<String> = (t.records)(s)
+        .values()
+        .map(t.ids)
+        .filter(|(id, p)| !listed.contains(&(*p, *id)))
+        .map(|(id, _)| format!("{child} {id} is not listed under its {parent}"))
+        .collect();
+    s.report.problems.extend(unlisted);
+    Ok(())
 }
 
 fn pair_rows(

@@ -62,37 +62,28 @@ impl Store {
         let handle = handle::Handle::open(path, cache_bytes, &|| space.release_headroom())?;
         let store = Store { handle, space };
         // Walk the small tables once under a guard: damage in the file's first pages then
-        // refuses the start with a clear message instead of panicking a request later.
-        let damage_before = handle::DAMAGE_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
-        match handle::guarded(|| store.init_schema()) {
-            Ok(Ok(())) => {}
-            Ok(Err(e))
-                if handle::DAMAGE_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
-                    > damage_before =>
-            {
-                return Err(handle::damaged(path, &e.detail));
-            }
-            Ok(Err(e)) => {
-                return Err(OpenError::Other(format!(
+        // refuses the start with a clear message instead of panicking a request later. A
+        // panic, or an error `is_damage` says is damage, refuses the file as damaged; any other
+        // error refuses the start with that error.
+        let guarded_step = |step: &dyn Fn() -> Result<()>, is_damage: &dyn Fn(&Error) -> bool| {
+            match handle::guarded(step) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) if is_damage(&e) => Err(handle::damaged(path, &e.detail)),
+                Ok(Err(e)) => Err(OpenError::Other(format!(
                     "cannot open database {}: {e}",
                     path.display()
-                )));
+                ))),
+                Err(panic) => Err(handle::damaged(path, &panic)),
             }
-            Err(panic) => return Err(handle::damaged(path, &panic)),
-        }
-        match handle::guarded(|| store.walk_metadata()) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) if e.kind == crate::error::Kind::Internal => {
-                return Err(handle::damaged(path, &e.detail));
-            }
-            Ok(Err(e)) => {
-                return Err(OpenError::Other(format!(
-                    "cannot open database {}: {e}",
-                    path.display()
-                )));
-            }
-            Err(panic) => return Err(handle::damaged(path, &panic)),
-        }
+        };
+        let damage_errors = || handle::DAMAGE_ERRORS.load(std::sync::atomic::Ordering::Relaxed);
+        let damage_before = damage_errors();
+        guarded_step(&|| store.init_schema(), &|_| {
+            damage_errors() > damage_before
+        })?;
+        guarded_step(&|| store.walk_metadata(), &|e| {
+            e.kind == crate::error::Kind::Internal
+        })?;
         if let Err(e) = store.release_staging() {
             crate::log::warn(&format!("cannot release interrupted part uploads yet: {e}"));
         }
@@ -292,6 +283,15 @@ pub(crate) fn load<T: DeserializeOwned>(
     }
 }
 
+/// A store on a fresh database in a temporary directory, for unit tests; the directory goes
+/// when the returned guard is dropped.
+#[cfg(test)]
+pub(crate) fn scratch_store() -> (tempfile::TempDir, Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.redb"), 1 << 20, 0).unwrap();
+    (dir, store)
+}
+
 /// Writes a JSON record keyed by a UUID.
 pub(crate) fn save<T: Serialize>(
     table: &mut redb::Table<u128, &'static [u8]>,
@@ -348,6 +348,31 @@ pub(crate) fn spending_headroom<T>(
         }
         r => r,
     }
+}
+
+/// Frees space item by item: one transaction each ([`spending_headroom`]), then the freed pages
+/// settled once at the end. An item that fails (say, its record is unreadable) is logged with
+/// `failed` and skipped: failing the whole sweep would stop it at the same item every time and
+/// leave every item after it on disk for good. Returns how many items `free` reports freed.
+pub(crate) fn free_each<T>(
+    store: &Store,
+    what: &str,
+    items: &[T],
+    free: impl Fn(&WriteTransaction, &T) -> Result<bool>,
+    failed: impl Fn(&T) -> String,
+) -> usize {
+    let mut freed = 0;
+    for item in items {
+        match spending_headroom(store, what, |txn| free(txn, item)) {
+            Ok(true) => freed += 1,
+            Ok(false) => {}
+            Err(e) => crate::log::error(&format!("{}: {e}", failed(item))),
+        }
+    }
+    if freed > 0 {
+        store.settle_freed_pages();
+    }
+    freed
 }
 
 /// Runs `f` in a durable write transaction and commits it when `f` succeeds. An error aborts

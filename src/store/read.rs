@@ -1,11 +1,13 @@
 //! Read access to the catalog, shared by read and write transactions: the lookups every
 //! catalog operation starts from, and the manifest of a version.
 
+use super::retention::RetentionPolicy;
 use super::tables::*;
 use super::{decode, load};
 use crate::error::{Error, Result};
 use crate::model::*;
 use redb::{ReadTransaction, ReadableTable, WriteTransaction};
+use serde::de::DeserializeOwned;
 use uuid::Uuid;
 
 pub(super) fn image_not_found(name: &str) -> Error {
@@ -31,6 +33,50 @@ pub(crate) trait CatalogRead {
     fn attachment(&self, id: Uuid) -> Result<Option<Attachment>>;
     fn version_by_id(&self, id: Uuid) -> Result<Option<ImageVersion>>;
     fn aliases_of(&self, image_id: Uuid) -> Result<Vec<Alias>>;
+    fn retention_policy(&self, image_id: Uuid) -> Result<Option<RetentionPolicy>>;
+
+    /// The image named `name`, or the 404 that names it.
+    fn image_named(&self, name: &str) -> Result<Image> {
+        self.image_by_name(name)?
+            .ok_or_else(|| image_not_found(name))
+    }
+
+    /// An artifact of the version `version_id`; a 404 when there is none by that id or it
+    /// belongs to another version.
+    fn version_artifact(&self, version_id: Uuid, artifact_id: Uuid) -> Result<Artifact> {
+        self.artifact(artifact_id)?
+            .filter(|a| a.version_id == version_id)
+            .ok_or_else(|| Error::not_found(format!("catalog not found: artifact {artifact_id}")))
+    }
+
+    /// An attachment of the artifact `artifact_id`; a 404 when there is none by that id or it
+    /// belongs to another artifact.
+    fn artifact_attachment(&self, artifact_id: Uuid, attachment_id: Uuid) -> Result<Attachment> {
+        self.attachment(attachment_id)?
+            .filter(|x| x.artifact_id == artifact_id)
+            .ok_or_else(|| {
+                Error::not_found(format!("catalog not found: attachment {attachment_id}"))
+            })
+    }
+}
+
+/// The records of `rows` that `index` (keyed by parent and child id) lists under `parent`, in
+/// child id order; a listed child without a record is skipped.
+fn children<T: DeserializeOwned>(
+    index: &impl ReadableTable<(u128, u128), ()>,
+    rows: &impl ReadableTable<u128, &'static [u8]>,
+    parent: Uuid,
+    what: &str,
+) -> Result<Vec<T>> {
+    let p = parent.as_u128();
+    let mut out = Vec::new();
+    for row in index.range((p, 0u128)..=(p, u128::MAX))? {
+        let (k, _) = row?;
+        if let Some(x) = load(rows, k.value().1, what)? {
+            out.push(x);
+        }
+    }
+    Ok(out)
 }
 
 macro_rules! catalog_read_impl {
@@ -86,31 +132,19 @@ macro_rules! catalog_read_impl {
             }
 
             fn artifacts_of(&self, version_id: Uuid) -> Result<Vec<Artifact>> {
-                let idx = self.open_table(VERSION_ARTIFACTS)?;
-                let arts = self.open_table(ARTIFACTS)?;
-                let v = version_id.as_u128();
-                let mut out = Vec::new();
-                for row in idx.range((v, 0u128)..=(v, u128::MAX))? {
-                    let (k, _) = row?;
-                    if let Some(a) = load(&arts, k.value().1, "artifact")? {
-                        out.push(a);
-                    }
-                }
-                Ok(out)
+                let tables = (
+                    self.open_table(VERSION_ARTIFACTS)?,
+                    self.open_table(ARTIFACTS)?,
+                );
+                children(&tables.0, &tables.1, version_id, "artifact")
             }
 
             fn attachments_of(&self, artifact_id: Uuid) -> Result<Vec<Attachment>> {
-                let idx = self.open_table(ARTIFACT_ATTACHMENTS)?;
-                let atts = self.open_table(ATTACHMENTS)?;
-                let a = artifact_id.as_u128();
-                let mut out = Vec::new();
-                for row in idx.range((a, 0u128)..=(a, u128::MAX))? {
-                    let (k, _) = row?;
-                    if let Some(x) = load(&atts, k.value().1, "attachment")? {
-                        out.push(x);
-                    }
-                }
-                Ok(out)
+                let tables = (
+                    self.open_table(ARTIFACT_ATTACHMENTS)?,
+                    self.open_table(ATTACHMENTS)?,
+                );
+                children(&tables.0, &tables.1, artifact_id, "attachment")
             }
 
             fn artifact(&self, id: Uuid) -> Result<Option<Artifact>> {
@@ -123,6 +157,11 @@ macro_rules! catalog_read_impl {
 
             fn version_by_id(&self, id: Uuid) -> Result<Option<ImageVersion>> {
                 load(&self.open_table(VERSIONS)?, id.as_u128(), "version")
+            }
+
+            fn retention_policy(&self, image_id: Uuid) -> Result<Option<RetentionPolicy>> {
+                let t = self.open_table(RETENTION)?;
+                load(&t, image_id.as_u128(), "retention policy")
             }
 
             fn aliases_of(&self, image_id: Uuid) -> Result<Vec<Alias>> {
@@ -196,9 +235,7 @@ pub(super) fn image_version(
     name: &str,
     version: &str,
 ) -> Result<(Image, ImageVersion)> {
-    let image = r
-        .image_by_name(name)?
-        .ok_or_else(|| image_not_found(name))?;
+    let image = r.image_named(name)?;
     let v = r
         .version_of(&image, version)?
         .ok_or_else(|| version_not_found(name, version))?;

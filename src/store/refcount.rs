@@ -104,12 +104,11 @@ impl<'txn> BlobRefs<'txn> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Store, begin_write_scope};
+    use crate::store::begin_write_scope;
 
     #[test]
     fn counts_move_one_step_and_never_below_zero() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.redb"), 1 << 20, 0).unwrap();
+        let (_dir, store) = crate::store::scratch_store();
         let key = *Digest::of(b"x").as_bytes();
         begin_write_scope(&store, |txn| {
             let mut chunks = ChunkRefs::open(txn)?;

@@ -157,8 +157,11 @@ fn verdict(
     Verdict::Retire(format!("retention policy: {reason}"))
 }
 
-fn image_not_found(name: &str) -> Error {
-    Error::not_found(format!("catalog not found: image {name:?}"))
+/// The 404 of an image without a stored policy, with `hint` after it.
+fn no_policy(name: &str, hint: &str) -> Error {
+    Error::not_found(format!(
+        "catalog not found: image {name:?} has no retention policy{hint}"
+    ))
 }
 
 /// The published versions of an image with their aliases, as the policy sees them.
@@ -192,12 +195,7 @@ fn apply_in(
     now: Timestamp,
     grace: Duration,
 ) -> Result<Vec<RetiredVersion>> {
-    let Some(policy) = load::<RetentionPolicy>(
-        &txn.open_table(RETENTION)?,
-        image.id.as_u128(),
-        "retention policy",
-    )?
-    else {
+    let Some(policy) = txn.retention_policy(image.id)? else {
         return Ok(Vec::new());
     };
     let mut out = Vec::new();
@@ -245,9 +243,7 @@ impl Store {
     pub fn put_retention(&self, name: &str, policy: RetentionPolicy) -> Result<RetentionPolicy> {
         check_image_name(name)?;
         begin_write_scope(self, |txn| {
-            let image = txn
-                .image_by_name(name)?
-                .ok_or_else(|| image_not_found(name))?;
+            let image = txn.image_named(name)?;
             txn.open_table(RETENTION)?
                 .insert(image.id.as_u128(), encode(&policy)?.as_slice())?;
             Ok(policy)
@@ -258,36 +254,22 @@ impl Store {
     pub fn retention(&self, name: &str) -> Result<RetentionPolicy> {
         check_image_name(name)?;
         let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
-        load(
-            &txn.open_table(RETENTION)?,
-            image.id.as_u128(),
-            "retention policy",
-        )?
-        .ok_or_else(|| {
-            Error::not_found(format!(
-                "catalog not found: image {name:?} has no retention policy"
-            ))
-        })
+        let image = txn.image_named(name)?;
+        txn.retention_policy(image.id)?
+            .ok_or_else(|| no_policy(name, ""))
     }
 
     /// Removes the image's policy (keep everything); 404 when it has none.
     pub fn delete_retention(&self, name: &str) -> Result<()> {
         check_image_name(name)?;
         begin_write_scope(self, |txn| {
-            let image = txn
-                .image_by_name(name)?
-                .ok_or_else(|| image_not_found(name))?;
+            let image = txn.image_named(name)?;
             if txn
                 .open_table(RETENTION)?
                 .remove(image.id.as_u128())?
                 .is_none()
             {
-                return Err(Error::not_found(format!(
-                    "catalog not found: image {name:?} has no retention policy"
-                )));
+                return Err(no_policy(name, ""));
             }
             Ok(())
         })
@@ -303,21 +285,12 @@ impl Store {
     ) -> Result<Preview> {
         check_image_name(name)?;
         let txn = self.begin_read()?;
-        let image = txn
-            .image_by_name(name)?
-            .ok_or_else(|| image_not_found(name))?;
+        let image = txn.image_named(name)?;
         let policy = match policy {
             Some(p) => p,
-            None => load(
-                &txn.open_table(RETENTION)?,
-                image.id.as_u128(),
-                "retention policy",
-            )?
-            .ok_or_else(|| {
-                Error::not_found(format!(
-                    "catalog not found: image {name:?} has no retention policy; send one to preview it"
-                ))
-            })?,
+            None => txn
+                .retention_policy(image.id)?
+                .ok_or_else(|| no_policy(name, "; send one to preview it"))?,
         };
         let mut preview = Preview {
             policy: policy.clone(),
@@ -363,9 +336,7 @@ impl Store {
         let Some(image) = load::<Image>(&txn.open_table(IMAGES)?, id, "image")? else {
             return Ok(false);
         };
-        let Some(policy) =
-            load::<RetentionPolicy>(&txn.open_table(RETENTION)?, id, "retention policy")?
-        else {
+        let Some(policy) = txn.retention_policy(Uuid::from_u128(id))? else {
             return Ok(false);
         };
         Ok(select(&policy, candidates(&txn, &image)?, now)

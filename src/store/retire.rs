@@ -13,13 +13,13 @@
 //! A retired version's name stays reserved: creating it again is refused, so the content ever
 //! published under a name is the only content that name has named.
 
-use super::read::CatalogRead;
+use super::read::{CatalogRead, version_not_found};
 use super::tables::*;
 use super::{Store, begin_write_scope, bump_generation, decode, encode};
 use crate::clock::Timestamp;
 use crate::error::{Error, Result};
 use crate::model::{Artifact, Attachment, Image, ImageVersion, VersionState};
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -247,16 +247,6 @@ pub(crate) fn announce(image_name: &str, r: &RetiredVersion) {
     );
 }
 
-fn image_not_found(name: &str) -> Error {
-    Error::not_found(format!("catalog not found: image {name:?}"))
-}
-
-fn version_not_found(name: &str, version: &str) -> Error {
-    Error::not_found(format!(
-        "catalog not found: image {name:?} version {version:?}"
-    ))
-}
-
 impl Store {
     /// `DELETE /v1/images/{name}/versions/{version}`: retires a published version (see the
     /// module comment). A version already retired is not found, like any second DELETE.
@@ -270,9 +260,7 @@ impl Store {
         crate::validate::check_image_name(name)?;
         crate::validate::check_version(version)?;
         let record = begin_write_scope(self, |txn| {
-            let image = txn
-                .image_by_name(name)?
-                .ok_or_else(|| image_not_found(name))?;
+            let image = txn.image_named(name)?;
             let Some(v) = txn.version_of(&image, version)? else {
                 return Err(match retired_record(txn, &image, version)? {
                     Some(r) => Error::not_found(format!(
@@ -317,22 +305,13 @@ impl Store {
         artifact_id: Uuid,
         now: Timestamp,
     ) -> Result<Found<Artifact>> {
-        let missing = match self.published_artifact(name, version, artifact_id) {
-            Ok((_, a)) => return Ok(Found::Served(a)),
-            Err(e) if e.kind == crate::error::Kind::NotFound => e,
-            Err(e) => return Err(e),
-        };
-        let Some(r) = self.retired_lookup(name, version)? else {
-            return Err(missing);
-        };
-        if !in_grace(&r, now) {
-            return Ok(Found::Gone(r));
-        }
-        let txn = self.begin_read()?;
-        txn.artifact(artifact_id)?
-            .filter(|a| a.version_id == r.version_id)
-            .map(Found::Served)
-            .ok_or_else(|| Error::not_found(format!("catalog not found: artifact {artifact_id}")))
+        self.for_download(
+            name,
+            version,
+            now,
+            || Ok(self.published_artifact(name, version, artifact_id)?.1),
+            |txn, r| txn.version_artifact(r.version_id, artifact_id),
+        )
     }
 
     /// Like [`Store::artifact_for_download`], for an attachment of an artifact.
@@ -344,8 +323,32 @@ impl Store {
         attachment_id: Uuid,
         now: Timestamp,
     ) -> Result<Found<Attachment>> {
-        let missing = match self.published_attachment(name, version, artifact_id, attachment_id) {
-            Ok(a) => return Ok(Found::Served(a)),
+        self.for_download(
+            name,
+            version,
+            now,
+            || self.published_attachment(name, version, artifact_id, attachment_id),
+            |txn, r| {
+                let artifact = txn.version_artifact(r.version_id, artifact_id)?;
+                txn.artifact_attachment(artifact.id, attachment_id)
+            },
+        )
+    }
+
+    /// What both download lookups share: `published` looks in the published version; when it
+    /// finds nothing, a retired version of that name is gone past its grace, and within it
+    /// `retired` looks in the retired version's rows. Otherwise the published lookup's 404
+    /// stands.
+    fn for_download<T>(
+        &self,
+        name: &str,
+        version: &str,
+        now: Timestamp,
+        published: impl FnOnce() -> Result<T>,
+        retired: impl FnOnce(&ReadTransaction, &RetiredVersion) -> Result<T>,
+    ) -> Result<Found<T>> {
+        let missing = match published() {
+            Ok(found) => return Ok(Found::Served(found)),
             Err(e) if e.kind == crate::error::Kind::NotFound => e,
             Err(e) => return Err(e),
         };
@@ -355,19 +358,7 @@ impl Store {
         if !in_grace(&r, now) {
             return Ok(Found::Gone(r));
         }
-        let txn = self.begin_read()?;
-        let artifact = txn
-            .artifact(artifact_id)?
-            .filter(|a| a.version_id == r.version_id)
-            .ok_or_else(|| {
-                Error::not_found(format!("catalog not found: artifact {artifact_id}"))
-            })?;
-        txn.attachment(attachment_id)?
-            .filter(|x| x.artifact_id == artifact.id)
-            .map(Found::Served)
-            .ok_or_else(|| {
-                Error::not_found(format!("catalog not found: attachment {attachment_id}"))
-            })
+        retired(&self.begin_read()?, &r).map(Found::Served)
     }
 
     /// Removes the rows of retired versions whose grace has passed, releasing their blob
@@ -388,26 +379,20 @@ impl Store {
             }
             out
         };
-        let mut purged = 0;
-        for (image, version) in due {
-            // One version per transaction, and a failure is logged and skipped, like garbage
-            // collection: one unreadable record must not stop every later purge.
-            match super::spending_headroom(self, "purge a retired version", |txn| {
-                purge_in(txn, image, &version, now)
-            }) {
-                Ok(()) => purged += 1,
-                Err(e) => crate::log::error(&format!(
-                    "purging retired version {version:?} of image {} failed: {e}",
-                    Uuid::from_u128(image)
-                )),
-            }
-        }
-        // Purging drops the last references to blobs only the retired version used; make
-        // their pages reusable now, as collection does.
-        if purged > 0 {
-            self.settle_freed_pages();
-        }
-        Ok(purged)
+        // Purging drops the last references to blobs only the retired version used, so it frees
+        // space the way collection does: one version at a time, the pages settled at the end.
+        Ok(super::free_each(
+            self,
+            "purge a retired version",
+            &due,
+            |txn, (image, version)| purge_in(txn, *image, version, now).map(|()| true),
+            |(image, version)| {
+                format!(
+                    "purging retired version {version:?} of image {} failed",
+                    Uuid::from_u128(*image)
+                )
+            },
+        ))
     }
 }
 
@@ -457,8 +442,7 @@ mod tests {
     /// is refused, as is a draft; neither is changed.
     #[test]
     fn only_published_versions_can_be_retired() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("t.redb"), 1 << 20, 0).unwrap();
+        let (_dir, store) = crate::store::scratch_store();
         // An empty trusted blob, written directly: publish only checks that it exists.
         let digest = crate::digest::Digest::of(b"");
         let key = *digest.as_bytes();

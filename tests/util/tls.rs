@@ -2,21 +2,13 @@
 //! `require_tool("openssl")` first): self-signed certificates, and CAs, intermediates and leaves
 //! for chain tests.
 
+use super::output_ok;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Runs `openssl` in `dir`, failing the test with its error output.
 pub fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("running openssl");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    output_ok(Command::new("openssl").args(args).current_dir(dir));
 }
 
 /// An EC P-256 key `name.key` and a certificate request or (with `-x509` in `extra`) a

@@ -9,6 +9,8 @@
 
 use crate::admin;
 use crate::cli::{BackupArgs, CheckArgs, CompactArgs};
+// One size formatter for every command (`1.5 GiB`).
+use crate::client::human_bytes as human;
 use crate::config;
 use crate::daemon::Failure;
 use crate::store::DB_FILE;
@@ -22,22 +24,6 @@ fn fail(message: String) -> Failure {
     Failure {
         message,
         exit_code: 1,
-    }
-}
-
-/// Sizes as operators read them: `1.5 GiB`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} bytes")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
     }
 }
 

@@ -270,26 +270,38 @@ fn copy_table<K: Key + 'static, V: Value + 'static>(
         Some(t) => Some(t.iter()?),
         None => None,
     };
-    loop {
-        let txn = c.take_txn()?;
-        let mut done = true;
-        {
-            let mut out = txn.open_table(def)?;
-            if let Some(rows) = rows.as_mut() {
-                for row in rows.by_ref() {
-                    let (k, v) = row?;
-                    let (key, value) = (k.value(), v.value());
-                    let len = K::as_bytes(&key).as_ref().len() + V::as_bytes(&value).as_ref().len();
-                    out.insert(key, value)?;
-                    if c.copied(len)? {
-                        done = false;
-                        break;
-                    }
+    in_batches(c, def, |out, c| {
+        if let Some(rows) = rows.as_mut() {
+            for row in rows.by_ref() {
+                let (k, v) = row?;
+                let (key, value) = (k.value(), v.value());
+                let len = K::as_bytes(&key).as_ref().len() + V::as_bytes(&value).as_ref().len();
+                out.insert(key, value)?;
+                if c.copied(len)? {
+                    return Ok(true);
                 }
             }
         }
+        Ok(false)
+    })
+}
+
+/// Runs `fill` on the table `def` in one batch transaction after another, committing each
+/// batch (non-durably) when `fill` returns true (it is due) and stopping when it returns false
+/// (no rows left).
+fn in_batches<'d, 'p, K: Key + 'static, V: Value + 'static>(
+    c: &mut Copier<'d, 'p>,
+    def: TableDefinition<K, V>,
+    mut fill: impl FnMut(&mut redb::Table<'_, K, V>, &mut Copier<'d, 'p>) -> Result<bool>,
+) -> Result<()> {
+    loop {
+        let txn = c.take_txn()?;
+        let due = {
+            let mut out = txn.open_table(def)?;
+            fill(&mut out, c)?
+        };
         c.txn = Some(txn);
-        if done {
+        if !due {
             return Ok(());
         }
         c.commit(Durability::None)?;
@@ -350,28 +362,18 @@ fn write_chunks(
     spent: &crossbeam_channel::Sender<Vec<u8>>,
     c: &mut Copier<'_, '_>,
 ) -> Result<()> {
-    loop {
-        let txn = c.take_txn()?;
-        let mut done = true;
-        {
-            let mut out = txn.open_table(CHUNKS)?;
-            for row in rows.iter() {
-                let (key, value) = row?;
-                out.insert(&key, value.as_slice())?;
-                let due = c.copied(key.len() + value.len())?;
-                let _ = spent.try_send(value);
-                if due {
-                    done = false;
-                    break;
-                }
+    in_batches(c, CHUNKS, |out, c| {
+        for row in rows.iter() {
+            let (key, value) = row?;
+            out.insert(&key, value.as_slice())?;
+            let due = c.copied(key.len() + value.len())?;
+            let _ = spent.try_send(value);
+            if due {
+                return Ok(true);
             }
         }
-        c.txn = Some(txn);
-        if done {
-            return Ok(());
-        }
-        c.commit(Durability::None)?;
-    }
+        Ok(false)
+    })
 }
 
 /// Writes the new file's dirty pages to disk in the background while the copy goes on, so the

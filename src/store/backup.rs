@@ -18,6 +18,7 @@
 
 use super::Store;
 use super::tables::*;
+use super::writeback::{Flusher, Target};
 use crate::error::{Error, Result};
 use redb::{
     Builder, Database, Durability, Key, ReadTransaction, ReadableDatabase, ReadableTable,
@@ -115,7 +116,7 @@ fn copy_snapshot(
         estimate,
         pace,
         started: std::time::Instant::now(),
-        flusher: Flusher::from_file(flush),
+        flusher: Flusher::new(flush.map(Target::File)),
     };
     for (_, copy) in &tables {
         copy(txn, &mut c)?;
@@ -374,54 +375,6 @@ fn write_chunks(
         }
         Ok(false)
     })
-}
-
-/// Writes the new file's dirty pages to disk in the background while the copy goes on, so the
-/// final durable commit finds little left to write: the kernel would otherwise hold the whole
-/// copy in its page cache and write it all at that last `fsync`, after the copying is done.
-struct Flusher {
-    kick: Option<std::sync::mpsc::SyncSender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Flusher {
-    fn from_file(file: Option<std::fs::File>) -> Flusher {
-        let Some(file) = file else {
-            return Flusher {
-                kick: None,
-                thread: None,
-            };
-        };
-        // One pending request is enough: a flush that starts later covers every batch before.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let thread = std::thread::Builder::new()
-            .name("backup-flush".into())
-            .spawn(move || {
-                while rx.recv().is_ok() {
-                    let _ = file.sync_data();
-                }
-            })
-            .ok();
-        Flusher {
-            kick: Some(tx),
-            thread,
-        }
-    }
-
-    fn kick(&self) {
-        if let Some(tx) = &self.kick {
-            let _ = tx.try_send(());
-        }
-    }
-}
-
-impl Drop for Flusher {
-    fn drop(&mut self) {
-        self.kick = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// A database opened by a command while no server runs: read-only when the file was closed

@@ -29,6 +29,7 @@ pub mod stats;
 pub mod streams;
 pub mod tables;
 pub mod uploads;
+mod writeback;
 
 pub use handle::{Health, OpenError};
 
@@ -43,7 +44,13 @@ use tables::*;
 pub struct Store {
     handle: handle::Handle,
     space: space::Space,
+    /// Flushes chunk data written by part uploads in the background (`writeback.rs`).
+    writeback: writeback::Writeback,
 }
+
+/// Chunk bytes between two background flushes of the database file: small next to a part
+/// (so its closing durable commit waits for little), large enough that flushes stay few.
+const WRITEBACK_EVERY: u64 = 16 * 1024 * 1024;
 
 /// The name of the database file inside the data directory.
 pub const DB_FILE: &str = "imgsrv.redb";
@@ -60,7 +67,15 @@ impl Store {
     ) -> std::result::Result<Store, OpenError> {
         let space = space::Space::new(path, reserve);
         let handle = handle::Handle::open(path, cache_bytes, &|| space.release_headroom())?;
-        let store = Store { handle, space };
+        let writeback = writeback::Writeback::new(
+            Some(writeback::Target::Path(path.to_path_buf())),
+            WRITEBACK_EVERY,
+        );
+        let store = Store {
+            handle,
+            space,
+            writeback,
+        };
         // Walk the small tables once under a guard: damage in the file's first pages then
         // refuses the start with a clear message instead of panicking a request later. A
         // panic, or an error `is_damage` says is damage, refuses the file as damaged; any other

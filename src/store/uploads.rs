@@ -773,6 +773,7 @@ fn store_chunk(store: &Store, nonce: u128, index: u32, data: &[u8]) -> Result<()
     txn.open_table(STAGING)?
         .insert((nonce, index), &chunk.encode())?;
     txn.commit()?;
+    store.writeback.wrote(data.len() as u64);
     Ok(())
 }
 

@@ -168,8 +168,8 @@ pub struct PushArgs {
     /// upload part size in MiB (default 128)
     #[argh(option, default = "128")]
     pub part_size_mib: u64,
-    /// parts sent at once (default 4)
-    #[argh(option, default = "4")]
+    /// parts sent at once (default 1: in order, so the server hashes them as they arrive)
+    #[argh(option, default = "1")]
     pub parallel: usize,
     /// where resumable upload state is kept (default $XDG_STATE_HOME/imgsrv/uploads)
     #[argh(option)]

@@ -154,6 +154,7 @@ macro_rules! uploading_command {
         token_file = $token_doc:literal,
         ca_cert = $ca_doc:literal,
         parallel = $parallel_doc:literal,
+        parallel_default = $parallel_default:literal,
     ) => {
         $(#[$attr])*
         pub struct $name {
@@ -168,7 +169,7 @@ macro_rules! uploading_command {
             #[argh(option, default = "128")]
             pub part_size_mib: u64,
             #[doc = $parallel_doc]
-            #[argh(option, default = "4")]
+            #[argh(option, default = $parallel_default)]
             pub parallel: usize,
             /// where resumable upload state is kept (default $XDG_STATE_HOME/imgsrv/uploads)
             #[argh(option)]
@@ -212,7 +213,8 @@ uploading_command! {
     }
     token_file = "file holding the API token (default: IMGSRV_TOKEN)",
     ca_cert = "PEM certificate(s) to trust besides the system roots, e.g. a self-signed server's",
-    parallel = "parts sent at once (default 4)",
+    parallel = "parts sent at once (default 1: in order, so the server hashes them as they arrive)",
+    parallel_default = "1",
 }
 
 uploading_command! {
@@ -238,4 +240,5 @@ uploading_command! {
     token_file = "file holding the downstream API token (default: IMGSRV_TOKEN)",
     ca_cert = "PEM certificate(s) to trust besides the system roots, for either server",
     parallel = "parts copied at once (default 4)",
+    parallel_default = "4",
 }

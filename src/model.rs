@@ -69,7 +69,10 @@ string_enum!(PrincipalKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UploadSession {
     pub id: Uuid,
-    pub expected_digest: Digest,
+    /// Absent while a session begun without a digest waits for `complete` to give it
+    /// (docs/api.md, decision 18); records written before that decision always have one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub expected_digest: Option<Digest>,
     pub expected_size_bytes: i64,
     pub state: UploadState,
     pub expires_at: Timestamp,
@@ -285,4 +288,36 @@ pub(crate) fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::
         }
     }
     d.deserialize_any(Integer)
+}
+
+/// [`integer`] for a member whose absence matters: absent is `None` (with `#[serde(default)]`).
+pub(crate) fn optional_integer<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<i64>, D::Error> {
+    integer(d).map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Upload sessions are stored as this JSON: records written before decision 18 (which
+    /// always have a digest) still load, and a session without one leaves the member out.
+    #[test]
+    fn upload_sessions_with_and_without_a_digest() {
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let old = format!(
+            r#"{{"id":"6f1c0b7e-2d1a-4c3e-9a8b-0f1e2d3c4b5a","expected_digest":"{digest}","expected_size_bytes":3,"state":"uploading","expires_at":"2026-12-01T00:00:00Z"}}"#
+        );
+        let s: UploadSession = serde_json::from_str(&old).unwrap();
+        assert_eq!(s.expected_digest.map(|d| d.to_string()), Some(digest));
+        let late = UploadSession {
+            expected_digest: None,
+            ..s
+        };
+        let text = serde_json::to_string(&late).unwrap();
+        assert!(!text.contains("expected_digest"), "{text}");
+        let back: UploadSession = serde_json::from_str(&text).unwrap();
+        assert!(back.expected_digest.is_none());
+    }
 }

@@ -224,8 +224,16 @@ fn limits_content_type_and_defaults() {
     // Missing members take zero values, which then meet domain validation.
     s.call("POST", "/v1/images", &w, &json!({}))
         .assert_problem(400, "catalog invalid input: image name must match");
+    s.call(
+        "POST",
+        "/v1/uploads",
+        &w,
+        &json!({"expected_size_bytes": 1, "expected_digest": ""}),
+    )
+    .assert_problem(400, "upload invalid input: digest must match");
+    // Except the size of a session whose digest comes at complete (decision 18).
     s.call("POST", "/v1/uploads", &w, &json!({}))
-        .assert_problem(400, "upload invalid input: digest must match");
+        .assert_problem(400, "upload invalid input: expected size is required");
     json_ok(
         &s.call("POST", "/v1/images", &w, &json!({"name": "v"})),
         201,

@@ -126,7 +126,11 @@ fn begin_rejects_bad_input() {
     let good = sha256_digest(b"x");
     let digest_detail = "upload invalid input: digest must match sha256:<64 lowercase hex chars>";
     let cases: Vec<(Value, &str)> = vec![
-        (json!({}), digest_detail),
+        // Without a digest (given at complete then, decision 18) the size must be given.
+        (
+            json!({}),
+            "upload invalid input: expected size is required when the digest is given at complete",
+        ),
         (json!({"expected_digest": ""}), digest_detail),
         (
             json!({"expected_digest": format!("sha256:{}", "A".repeat(64))}),

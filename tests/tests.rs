@@ -19,6 +19,7 @@ mod frontdoor;
 mod incus;
 mod incus_launch;
 mod incusd;
+mod late_digest;
 mod lifecycle;
 mod logs;
 mod metrics;

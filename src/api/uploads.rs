@@ -1,4 +1,4 @@
-//! `/v1/uploads`: begin, parts, complete, abort, get (docs/api.md 4.1, decisions 2 and 3).
+//! `/v1/uploads`: begin, parts, complete, abort, get (docs/api.md 4.1, decisions 2, 3 and 18).
 
 use super::{App, HandlerResult, Object, json_body, require, uuid_param};
 use crate::http::{Request, Response, problem};
@@ -23,6 +23,8 @@ struct CompletePart {
 #[serde(deny_unknown_fields, default)]
 struct CompleteUploadRequest {
     parts: Vec<Object<CompletePart>>,
+    /// The blob's digest, for a session begun without one (docs/api.md, decision 18).
+    digest: Option<String>,
 }
 
 pub fn begin(app: &App, req: &mut Request) -> HandlerResult {
@@ -118,7 +120,9 @@ pub fn complete(app: &App, req: &mut Request, id: &str) -> HandlerResult {
             (n, p.etag, p.size_bytes)
         })
         .collect();
-    let session = app.store.complete_upload(id, &listed)?;
+    let session = app
+        .store
+        .complete_upload(id, &listed, body.digest.as_deref())?;
     Ok(Response::json(200, &session))
 }
 

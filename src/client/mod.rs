@@ -5,6 +5,7 @@
 //! HTTP API, exactly as curl would, so a client of one release works against another.
 
 pub mod incus_meta;
+pub mod late;
 pub mod mirror;
 pub mod progress;
 pub mod push;

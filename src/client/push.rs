@@ -1,13 +1,12 @@
 //! `imgsrv push`: distrobuilder's output files to a published version, in one command that is
 //! safe to run again (it resumes an interrupted upload and is a no-op once published).
 
-use super::sync::{self, Found, WantArtifact};
-use super::upload::{self, BlobRef, Outcome, Source};
+use super::late;
+use super::sync::{self, Found, Seen, WantArtifact};
+use super::upload::{self, BlobRef};
 use super::{Api, ClientError, Result, human_bytes, incus_meta, normalize_arch};
 use crate::cli::PushArgs;
-use sha2::{Digest, Sha256};
-use std::io::{Read, Seek, SeekFrom};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// A file push knows by its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,51 +81,6 @@ fn collect(paths: &[String]) -> Result<Vec<(PathBuf, Role)>> {
     Ok(out)
 }
 
-/// sha256 and size of a file, read in 1 MiB blocks (never the whole file in memory).
-fn hash_file(path: &Path) -> Result<BlobRef> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| ClientError::usage(format!("cannot open {}: {e}", path.display())))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| ClientError::failed(format!("reading {}: {e}", path.display())))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    Ok(BlobRef {
-        digest: format!("sha256:{hex}"),
-        size,
-    })
-}
-
-/// Part bytes straight from the file.
-struct FileSource {
-    path: PathBuf,
-}
-
-impl Source for FileSource {
-    fn open(&self, offset: u64, _len: u64) -> Result<Box<dyn Read + Send + '_>> {
-        let mut f = std::fs::File::open(&self.path).map_err(|e| {
-            ClientError::failed(format!("cannot open {}: {e}", self.path.display()))
-        })?;
-        f.seek(SeekFrom::Start(offset))
-            .map_err(|e| ClientError::failed(format!("seeking {}: {e}", self.path.display())))?;
-        // A large buffer keeps the read calls few; the socket write is the slow side.
-        Ok(Box::new(std::io::BufReader::with_capacity(1 << 20, f)))
-    }
-}
-
 pub fn run(args: PushArgs) -> Result<()> {
     let files = collect(&args.paths)?;
     if args.part_size_mib == 0 || args.part_size_mib > 5 * 1024 {
@@ -167,11 +121,33 @@ pub fn run(args: PushArgs) -> Result<()> {
         state_dir: super::state_dir(args.state_dir.as_deref())?,
     };
 
-    // Hash everything first: the digests name the blobs, and comparing them with what the
-    // server holds decides whether anything needs sending at all.
+    // A version that is publishing or published must hold exactly these files: hash them
+    // first and compare, so that nothing is sent when it does not. Otherwise each file is
+    // uploaded while it is hashed, and the version is built once the digests are known.
+    let seen = sync::look(&api, &args.image, &args.version)?;
+    let settled = matches!(seen, Seen::Settled { .. });
     let mut hashed: Vec<(PathBuf, Role, BlobRef)> = Vec::new();
+    let mut sent = 0u64;
     for (path, role) in files {
-        let blob = hash_file(&path)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("file")
+            .to_string();
+        let media = match role {
+            Role::Artifact(_, m) => m,
+            Role::IncusMeta => "application/x-xz",
+        };
+        let blob = if settled {
+            late::hash_file(&path)?
+        } else {
+            let pushed = late::ensure_file(&api, &path, &name, Some(media), &opts)?;
+            if pushed.present && pushed.sent == 0 {
+                eprintln!("{name}: already on the server, not sent");
+            }
+            sent += pushed.sent;
+            pushed.blob
+        };
         eprintln!(
             "{}: {} ({})",
             path.display(),
@@ -206,28 +182,14 @@ pub fn run(args: PushArgs) -> Result<()> {
             _ => None,
         })
         .collect();
-
-    let found = sync::inspect(&api, &args.image, &args.version, &want)?;
-    let already = matches!(found, Found::Same { published: true });
-    let mut sent = 0u64;
-    if !matches!(found, Found::Same { .. }) {
-        for (path, role, blob) in &hashed {
-            let name = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .unwrap_or("file")
-                .to_string();
-            let media = match role {
-                Role::Artifact(_, m) => *m,
-                Role::IncusMeta => "application/x-xz",
-            };
-            let source = FileSource { path: path.clone() };
-            match upload::ensure_blob(&api, blob, &name, Some(media), &source, &opts)? {
-                Outcome::Present => eprintln!("{name}: already on the server, not sent"),
-                Outcome::Uploaded { bytes } => sent += bytes,
-            }
-        }
-    }
+    // After an upload, look again: another run may have built or published the version
+    // meanwhile.
+    let found = if settled {
+        sync::judge(seen, &args.image, &args.version, &want)?
+    } else {
+        sync::inspect(&api, &args.image, &args.version, &want)?
+    };
+    let already = matches!(found, Found::Same { published: true }) && sent == 0;
     sync::build_and_publish(
         &api,
         &args.image,

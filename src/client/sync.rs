@@ -117,13 +117,25 @@ pub enum Found {
     Same { published: bool },
 }
 
-/// Looks at the version and refuses (before any byte is sent) when it is published with other
-/// content.
-pub fn inspect(api: &Api, image: &str, version: &str, want: &[WantArtifact]) -> Result<Found> {
+/// What the server holds under a version name, before the files are hashed.
+pub enum Seen {
+    /// Nothing: the version (and maybe the image) is to be created.
+    Missing,
+    /// A draft with these artifacts (by id): whatever it holds, it can be made to match.
+    Draft(Vec<(String, WantArtifact)>),
+    /// Publishing or published (`state`) with these artifacts: it must match exactly.
+    Settled {
+        state: String,
+        have: Vec<WantArtifact>,
+    },
+}
+
+/// Reads the version, without judging it.
+pub fn look(api: &Api, image: &str, version: &str) -> Result<Seen> {
     let path = format!("/v1/images/{}/versions/{}", seg(image), seg(version));
     let r = api.get(&path)?;
     if r.status == 404 {
-        return Ok(Found::Missing);
+        return Ok(Seen::Missing);
     }
     let m = r.expect(&format!("reading {image} {version}"), &[200])?;
     let have: Vec<(String, WantArtifact)> = m["artifacts"]
@@ -141,9 +153,22 @@ pub fn inspect(api: &Api, image: &str, version: &str, want: &[WantArtifact]) -> 
         .unwrap_or_default();
     let state = m["version"]["state"].as_str().unwrap_or_default();
     if state == "draft" {
-        return Ok(Found::Draft(have));
+        return Ok(Seen::Draft(have));
     }
-    let have_list: Vec<WantArtifact> = have.into_iter().map(|(_, a)| a).collect();
+    Ok(Seen::Settled {
+        state: state.to_string(),
+        have: have.into_iter().map(|(_, a)| a).collect(),
+    })
+}
+
+/// What `seen` means for the wanted content: a version publishing or published with other
+/// content is refused.
+pub fn judge(seen: Seen, image: &str, version: &str, want: &[WantArtifact]) -> Result<Found> {
+    let (state, have_list) = match seen {
+        Seen::Missing => return Ok(Found::Missing),
+        Seen::Draft(have) => return Ok(Found::Draft(have)),
+        Seen::Settled { state, have } => (state, have),
+    };
     if sorted(&have_list) == sorted(want) {
         return Ok(Found::Same {
             published: state == "published",
@@ -160,6 +185,12 @@ pub fn inspect(api: &Api, image: &str, version: &str, want: &[WantArtifact]) -> 
         msg.push_str(&format!("\n    {}", a.describe()));
     }
     Err(ClientError::new(Kind::Conflict, msg))
+}
+
+/// Looks at the version and refuses (before any byte is sent) when it is published with other
+/// content.
+pub fn inspect(api: &Api, image: &str, version: &str, want: &[WantArtifact]) -> Result<Found> {
+    judge(look(api, image, version)?, image, version, want)
 }
 
 /// Creates what is missing (image, version, artifacts, attachments) once every blob is on the

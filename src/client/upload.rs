@@ -59,31 +59,43 @@ pub enum Outcome {
 }
 
 #[derive(Serialize, Deserialize, Default)]
-struct State {
-    server: String,
-    digest: String,
-    size: u64,
-    part_size: u64,
-    upload_id: String,
+pub(super) struct State {
+    pub(super) server: String,
+    /// The blob's digest; empty while a session begun without one (`late`) waits for it.
+    pub(super) digest: String,
+    pub(super) size: u64,
+    pub(super) part_size: u64,
+    pub(super) upload_id: String,
     /// Acknowledged parts: number -> (etag, size).
-    parts: BTreeMap<u32, (String, u64)>,
+    pub(super) parts: BTreeMap<u32, (String, u64)>,
+    /// For a session begun without a digest: the file it uploads (see `late::FileId`); empty
+    /// for a session begun with one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(super) file: String,
 }
 
-fn state_path(api: &Api, blob: &BlobRef, opts: &Options) -> PathBuf {
-    let key = format!("{}\n{}\n{}", api.base(), blob.digest, opts.part_size);
+/// A state file named by a hash of `key` in the state directory.
+pub(super) fn state_file(opts: &Options, key: &str) -> PathBuf {
     let hash = Sha256::digest(key.as_bytes());
     let name: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
     opts.state_dir.join(format!("{name}.json"))
 }
 
-fn load_state(path: &Path) -> Option<State> {
+fn state_path(api: &Api, blob: &BlobRef, opts: &Options) -> PathBuf {
+    state_file(
+        opts,
+        &format!("{}\n{}\n{}", api.base(), blob.digest, opts.part_size),
+    )
+}
+
+pub(super) fn load_state(path: &Path) -> Option<State> {
     let text = std::fs::read_to_string(path).ok()?;
     serde_json::from_str(&text).ok()
 }
 
 /// Writes the state atomically (temporary file, then rename), so a kill never leaves half a
 /// file behind.
-fn save_state(path: &Path, state: &State) -> Result<()> {
+pub(super) fn save_state(path: &Path, state: &State) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| {
         ClientError::failed(format!(
@@ -98,7 +110,7 @@ fn save_state(path: &Path, state: &State) -> Result<()> {
         .map_err(|e| ClientError::failed(format!("cannot write {}: {e}", path.display())))
 }
 
-fn part_count(size: u64, part_size: u64) -> u32 {
+pub(super) fn part_count(size: u64, part_size: u64) -> u32 {
     size.div_ceil(part_size).max(1) as u32
 }
 
@@ -135,7 +147,7 @@ pub fn ensure_blob(
 }
 
 /// The session is unusable; start again with a new one.
-struct Restart(String);
+pub(super) struct Restart(pub(super) String);
 
 fn try_upload(
     api: &Api,
@@ -151,45 +163,28 @@ fn try_upload(
             if s.server == api.base()
                 && s.digest == blob.digest
                 && s.size == blob.size
-                && s.part_size == opts.part_size =>
+                && s.part_size == opts.part_size
+                && s.file.is_empty() =>
         {
             Some(s)
         }
         _ => None,
     };
     if let Some(s) = &state {
-        let r = match api.get(&format!("/v1/uploads/{}", seg(&s.upload_id))) {
-            Ok(r) => r,
+        match check_session(api, &s.upload_id) {
             Err(e) => return Ok(Err(e)),
-        };
-        let st = r.json["state"].as_str().unwrap_or("");
-        let expires = r.json["expires_at"].as_str().and_then(|t| {
-            time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
-        });
-        // Keep a margin: a session about to expire would fail at complete.
-        let alive =
-            expires.is_some_and(|t| t > time::OffsetDateTime::now_utc() + Duration::from_secs(300));
-        match (r.status, st) {
-            (200, "ready") => {
+            Ok(Resumable::Ready(_)) => {
                 let _ = std::fs::remove_file(path);
                 return Ok(Ok(Outcome::Present));
             }
-            (200, "created" | "uploading") if alive => {}
-            _ => state = None,
+            Ok(Resumable::Open) => {}
+            Ok(Resumable::Gone) => state = None,
         }
     }
-    let mut state = match state {
+    let state = match state {
         Some(s) => s,
         None => {
-            let mut body = json!({"expected_digest": blob.digest, "expected_size_bytes": blob.size,
-                                  "filename_hint": name});
-            if let Some(m) = media_type {
-                body["media_type_hint"] = json!(m);
-            }
-            let begun = match api
-                .send("POST", "/v1/uploads", Some(&body))
-                .and_then(|r| r.expect(&format!("{name}: beginning the upload"), &[200, 201]))
-            {
+            let begun = match begin(api, name, blob.size, Some(&blob.digest), media_type) {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
@@ -204,6 +199,7 @@ fn try_upload(
                 part_size: opts.part_size,
                 upload_id: begun["id"].as_str().unwrap_or_default().to_string(),
                 parts: BTreeMap::new(),
+                file: String::new(),
             };
             if let Err(e) = save_state(path, &s) {
                 return Ok(Err(e));
@@ -212,27 +208,119 @@ fn try_upload(
         }
     };
 
-    let n_parts = part_count(blob.size, opts.part_size);
-    let todo: Vec<u32> = (1..=n_parts)
-        .filter(|n| !state.parts.contains_key(n))
-        .collect();
-    let already: u64 = state.parts.values().map(|p| p.1).sum();
-    let progress = Progress::start(name, blob.size, already, n_parts as usize);
-    let sent = send_parts(api, blob, source, opts, path, &mut state, &todo, &progress)?;
+    let progress = start_progress(name, &state);
+    let state = Mutex::new(state);
+    let sent = send_parts(
+        api,
+        source,
+        opts,
+        path,
+        &state,
+        &progress,
+        &AtomicBool::new(false),
+    )?;
     let sent = match sent {
         Ok(()) => progress.counter().load(Ordering::Relaxed),
         Err(e) => return Ok(Err(e)),
     };
+    let state = state.into_inner().unwrap();
+    let done = match complete(api, name, &state, None)? {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e)),
+    };
+    let _ = std::fs::remove_file(path);
+    if done["state"] != "ready" {
+        progress.finish("failed");
+        return Ok(Err(not_verified(name, &done)));
+    }
+    progress.finish("verified by the server");
+    Ok(Ok(Outcome::Uploaded { bytes: sent }))
+}
 
+/// What `GET /v1/uploads/{id}` says about a session named by a state file.
+pub(super) enum Resumable {
+    /// Complete and verified: the answer (its `expected_digest` names the blob).
+    Ready(Value),
+    /// Still takes parts, for a while yet.
+    Open,
+    /// Expired, about to, aborted, failed or unknown: start a new session.
+    Gone,
+}
+
+pub(super) fn check_session(api: &Api, upload_id: &str) -> Result<Resumable> {
+    let r = api.get(&format!("/v1/uploads/{}", seg(upload_id)))?;
+    let st = r.json["state"].as_str().unwrap_or("");
+    let expires = r.json["expires_at"].as_str().and_then(|t| {
+        time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339).ok()
+    });
+    // Keep a margin: a session about to expire would fail at complete.
+    let alive =
+        expires.is_some_and(|t| t > time::OffsetDateTime::now_utc() + Duration::from_secs(300));
+    Ok(match (r.status, st) {
+        (200, "ready") => Resumable::Ready(r.json),
+        (200, "created" | "uploading") if alive => Resumable::Open,
+        _ => Resumable::Gone,
+    })
+}
+
+/// `POST /v1/uploads`: the answer (200 `ready` or 201). Without `digest` the session takes it
+/// at complete (docs/api.md, decision 18).
+pub(super) fn begin(
+    api: &Api,
+    name: &str,
+    size: u64,
+    digest: Option<&str>,
+    media_type: Option<&str>,
+) -> Result<Value> {
+    let mut body = json!({"expected_size_bytes": size, "filename_hint": name});
+    if let Some(d) = digest {
+        body["expected_digest"] = json!(d);
+    }
+    if let Some(m) = media_type {
+        body["media_type_hint"] = json!(m);
+    }
+    api.send("POST", "/v1/uploads", Some(&body))
+        .and_then(|r| r.expect(&format!("{name}: beginning the upload"), &[200, 201]))
+}
+
+/// Aborts a session this run no longer needs; a failure only leaves it for the sweeper.
+pub(super) fn abort(api: &Api, upload_id: &str) {
+    let _ = api.send(
+        "POST",
+        &format!("/v1/uploads/{}/abort", seg(upload_id)),
+        None,
+    );
+}
+
+/// The progress report of the parts `state` does not hold yet.
+pub(super) fn start_progress(name: &str, state: &State) -> Progress {
+    let n_parts = part_count(state.size, state.part_size);
+    let already: u64 = state.parts.values().map(|p| p.1).sum();
+    Progress::start(name, state.size, already, n_parts as usize)
+}
+
+/// Completes the session with the acknowledged parts, giving `digest` when the session was
+/// begun without one. The answer is the session (`ready` or `failed`); a session the server
+/// no longer completes (412, 404) is a restart.
+pub(super) fn complete(
+    api: &Api,
+    name: &str,
+    state: &State,
+    digest: Option<&str>,
+) -> std::result::Result<Result<Value>, Restart> {
     let parts: Vec<Value> = state
         .parts
         .iter()
         .map(|(n, (etag, size))| json!({"number": n, "etag": etag, "size_bytes": size}))
         .collect();
+    let mut body = json!({ "parts": parts });
+    if let Some(d) = digest {
+        body["digest"] = json!(d);
+    }
     let r = match api.send(
         "POST",
         &format!("/v1/uploads/{}/complete", seg(&state.upload_id)),
-        Some(&json!({ "parts": parts })),
+        Some(&body),
     ) {
         Ok(r) => r,
         Err(e) => return Ok(Err(e)),
@@ -243,69 +331,66 @@ fn try_upload(
             r.detail()
         )));
     }
-    let done = match r.expect(&format!("{name}: completing the upload"), &[200]) {
-        Ok(v) => v,
-        Err(e) => return Ok(Err(e)),
-    };
-    let _ = std::fs::remove_file(path);
-    if done["state"] != "ready" {
-        progress.finish("failed");
-        return Ok(Err(ClientError::failed(format!(
-            "{name}: the server did not verify the upload: {}",
-            done["failure_message"]
-                .as_str()
-                .unwrap_or("no reason given")
-        ))));
-    }
-    progress.finish("verified by the server");
-    Ok(Ok(Outcome::Uploaded { bytes: sent }))
+    Ok(r.expect(&format!("{name}: completing the upload"), &[200]))
 }
 
-/// Sends the parts in `todo` with `opts.parallel` workers; each acknowledged part is recorded
-/// in the state file before the next is taken.
-#[allow(clippy::too_many_arguments)]
-fn send_parts(
+pub(super) fn not_verified(name: &str, session: &Value) -> ClientError {
+    ClientError::failed(format!(
+        "{name}: the server did not verify the upload: {}",
+        session["failure_message"]
+            .as_str()
+            .unwrap_or("no reason given")
+    ))
+}
+
+/// Sends the parts `state` does not hold yet, in order, with `opts.parallel` workers; each
+/// acknowledged part is recorded in the state file before the next is taken. Setting `cancel`
+/// stops the workers from taking further parts (parts in flight finish); it is set here too
+/// when a part fails.
+pub(super) fn send_parts(
     api: &Api,
-    blob: &BlobRef,
     source: &dyn Source,
     opts: &Options,
     path: &Path,
-    state: &mut State,
-    todo: &[u32],
+    shared: &Mutex<State>,
     progress: &Progress,
+    cancel: &AtomicBool,
 ) -> std::result::Result<Result<()>, Restart> {
+    let (upload_id, size, todo) = {
+        let s = shared.lock().unwrap();
+        let todo: Vec<u32> = (1..=part_count(s.size, s.part_size))
+            .filter(|n| !s.parts.contains_key(n))
+            .collect();
+        (s.upload_id.clone(), s.size, todo)
+    };
     let next = AtomicUsize::new(0);
-    let stop = AtomicBool::new(false);
-    let shared = Mutex::new(std::mem::take(state));
     let failure: Mutex<Option<std::result::Result<ClientError, Restart>>> = Mutex::new(None);
-    let upload_id = shared.lock().unwrap().upload_id.clone();
     let workers = opts.parallel.clamp(1, todo.len().max(1));
     std::thread::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|| {
-                while !stop.load(Ordering::Relaxed) {
+                while !cancel.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&n) = todo.get(i) else { break };
-                    match send_part(api, blob, source, opts, &upload_id, n, progress) {
+                    match send_part(api, size, source, opts, &upload_id, n, progress) {
                         Ok(etag) => {
                             let mut s = shared.lock().unwrap();
-                            let (_, len) = part_range(n, blob.size, opts.part_size);
+                            let (_, len) = part_range(n, size, opts.part_size);
                             s.parts.insert(n, (etag, len));
                             if let Err(e) = save_state(path, &s) {
                                 *failure.lock().unwrap() = Some(Ok(e));
-                                stop.store(true, Ordering::Relaxed);
+                                cancel.store(true, Ordering::Relaxed);
                             }
                         }
                         Err(e) => {
                             failure.lock().unwrap().get_or_insert(e);
-                            stop.store(true, Ordering::Relaxed);
+                            cancel.store(true, Ordering::Relaxed);
                         }
                     }
                 }
             });
         }
     });
-    *state = shared.into_inner().unwrap();
     match failure.into_inner().unwrap() {
         None => Ok(Ok(())),
         Some(Ok(e)) => Ok(Err(e)),
@@ -317,14 +402,14 @@ fn send_parts(
 /// server) a few times. Returns the server's etag.
 fn send_part(
     api: &Api,
-    blob: &BlobRef,
+    size: u64,
     source: &dyn Source,
     opts: &Options,
     upload_id: &str,
     n: u32,
     progress: &Progress,
 ) -> std::result::Result<String, std::result::Result<ClientError, Restart>> {
-    let (offset, len) = part_range(n, blob.size, opts.part_size);
+    let (offset, len) = part_range(n, size, opts.part_size);
     let path = format!("/v1/uploads/{}/parts/{n}", seg(upload_id));
     let mut delay = Duration::from_millis(500);
     let mut attempt = 0;

@@ -150,9 +150,11 @@ type Assembly = (Vec<ChunkRef>, Vec<(u32, PartRecord)>);
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct BeginUpload {
-    pub expected_digest: String,
-    #[serde(deserialize_with = "crate::model::integer")]
-    pub expected_size_bytes: i64,
+    /// Absent: the digest is given at `complete` (docs/api.md, decision 18).
+    pub expected_digest: Option<String>,
+    /// Absent is 0 when a digest is given (section 1.2), and an error without one.
+    #[serde(deserialize_with = "crate::model::optional_integer")]
+    pub expected_size_bytes: Option<i64>,
     pub media_type_hint: Option<String>,
     pub filename_hint: Option<String>,
 }
@@ -208,9 +210,21 @@ impl Store {
     /// rather than short-circuited to `ready` by an existing trusted blob (200).
     pub fn begin_upload(&self, req: BeginUpload, ttl: Duration) -> Result<(UploadSession, bool)> {
         let invalid = |rule: &str| Error::invalid(format!("upload invalid input: {rule}"));
-        let digest =
-            Digest::parse(&req.expected_digest).ok_or_else(|| invalid(validate::DIGEST_RULE))?;
-        if req.expected_size_bytes < 0 {
+        let digest = match &req.expected_digest {
+            Some(d) => Some(Digest::parse(d).ok_or_else(|| invalid(validate::DIGEST_RULE))?),
+            None => None,
+        };
+        // Without a digest nothing else says how many bytes are coming: the size must be given.
+        let size = match (req.expected_size_bytes, digest) {
+            (Some(size), _) => size,
+            (None, Some(_)) => 0,
+            (None, None) => {
+                return Err(invalid(
+                    "expected size is required when the digest is given at complete",
+                ));
+            }
+        };
+        if size < 0 {
             return Err(invalid("expected size must be non-negative"));
         }
         let blank =
@@ -237,7 +251,7 @@ impl Store {
         let mut session = UploadSession {
             id: Uuid::new_v4(),
             expected_digest: digest,
-            expected_size_bytes: req.expected_size_bytes,
+            expected_size_bytes: size,
             state: UploadState::Created,
             expires_at: now.add(ttl),
             media_type_hint: req.media_type_hint,
@@ -245,14 +259,19 @@ impl Store {
             failure_message: None,
         };
         begin_write_scope(self, |txn| {
-            let existing = blobs::get_in(&txn.open_table(BLOBS)?, digest.as_bytes())?;
+            // A session without a digest cannot be matched with a stored blob yet: that
+            // happens at complete.
+            let existing = match digest {
+                Some(d) => blobs::get_in(&txn.open_table(BLOBS)?, d.as_bytes())?.map(|b| (d, b)),
+                None => None,
+            };
             let fresh = match existing {
-                Some(blob) if blob.size as i64 == session.expected_size_bytes => {
+                Some((digest, blob)) if blob.size as i64 == session.expected_size_bytes => {
                     session.state = UploadState::Ready;
                     blobs::hold_until(txn, digest.as_bytes(), session.expires_at)?;
                     false
                 }
-                Some(blob) => {
+                Some((_, blob)) => {
                     return Err(Error::precondition(format!(
                         "trusted blob size is {} bytes, expected {} bytes",
                         blob.size, session.expected_size_bytes
@@ -312,11 +331,14 @@ impl Store {
     }
 
     /// Completes a session (docs/api.md, decision 2): assembles the listed parts, verifies size and sha256
-    /// and answers with the session in `ready` or `failed`.
+    /// and answers with the session in `ready` or `failed`. `digest` is the one the request
+    /// gives: required when the session was begun without one, and then the digest verified;
+    /// when the session has one, it must be the same (decision 18).
     pub fn complete_upload(
         &self,
         id: Uuid,
         listed: &[(u32, String, i64)],
+        digest: Option<&str>,
     ) -> Result<UploadSession> {
         let session = self.upload(id)?;
         match session.state {
@@ -331,6 +353,26 @@ impl Store {
             }
         }
         validate_complete_list(listed)?;
+        let given = match digest {
+            Some(d) => Some(Digest::parse(d).ok_or_else(|| {
+                Error::invalid(format!("upload invalid input: {}", validate::DIGEST_RULE))
+            })?),
+            None => None,
+        };
+        let effective = match (session.expected_digest, given) {
+            (Some(expected), Some(given)) if expected != given => {
+                return Err(Error::precondition(format!(
+                    "complete gives digest {given}, the session expects {expected}"
+                )));
+            }
+            (Some(expected), _) => expected,
+            (None, Some(given)) => given,
+            (None, None) => {
+                return Err(Error::invalid(
+                    "upload invalid input: digest is required to complete a session begun without expected_digest",
+                ));
+            }
+        };
         let total: i64 = listed.iter().map(|p| p.2).sum();
         if total != session.expected_size_bytes {
             return Err(Error::precondition(format!(
@@ -347,7 +389,7 @@ impl Store {
         let mut order: Vec<&(u32, String, i64)> = listed.iter().collect();
         order.sort_by_key(|p| p.0);
         let (list, records) = self.listed_parts(id, &order)?;
-        let digest = *session.expected_digest.as_bytes();
+        let digest = *effective.as_bytes();
 
         let (size, actual) = self.blob_sha256(&records, &digest)?;
 
@@ -371,6 +413,8 @@ impl Store {
                 }
             }
             drop(parts);
+            // The digest is known from now on, whatever the verification finds.
+            s.expected_digest = Some(effective);
             if actual == digest && size == s.expected_size_bytes as u64 {
                 let mut blobs_t = txn.open_table(BLOBS)?;
                 let exists = blobs_t.get(&digest)?.is_some();
@@ -394,7 +438,7 @@ impl Store {
                     "assembled blob is {size} bytes with digest {}, expected {} bytes with digest {}",
                     Digest::from(actual),
                     s.expected_size_bytes,
-                    s.expected_digest
+                    effective
                 ));
             }
             drop_parts(txn, id)?;

@@ -343,9 +343,14 @@ fn mirror_version(
             digest: blob.digest.clone(),
         };
         let label = format!("{image} {version} {}", short(&blob));
-        if let Outcome::Uploaded { bytes: b } =
-            upload::ensure_blob(down, &blob, &label, Some(&media), &source, opts)?
-        {
+        let job = upload::Job {
+            api: down,
+            name: &label,
+            media_type: Some(&media),
+            source: &source,
+            opts,
+        };
+        if let Outcome::Uploaded { bytes: b } = upload::ensure_blob(&job, &blob)? {
             bytes += b;
         }
     }

@@ -2,11 +2,14 @@
 //! takes the digest in `complete`, and `imgsrv push` uses it to upload a file while it hashes
 //! it.
 
-use crate::push::{acked_parts, client, kill_after_parts, part_bytes, run, show};
+use crate::push::{
+    Target, acked_parts, archivers_present, kill_after_parts, part_bytes, run, show,
+};
 use crate::storage::{metric, put_part_ok, stop_and_read};
 use crate::util::*;
 use serde_json::{Value, json};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::Duration;
 
 const MIB: usize = 1024 * 1024;
@@ -191,28 +194,40 @@ fn a_late_digest_of_a_stored_blob_is_deduplicated_at_complete() {
     assert_eq!(db.blobs.len(), 1);
 }
 
-/// A push command of the binary under test, with 1 MiB parts.
-fn push_cmd(
-    state: &Path,
-    w: &str,
-    url: &str,
-    version: &str,
-    path: &Path,
-    extra: &[&str],
-) -> std::process::Command {
-    let p = path.display().to_string();
-    let mut args = vec![
-        "push",
-        "--server",
-        url,
-        "img",
-        version,
-        &p,
-        "--part-size-mib",
-        "1",
-    ];
-    args.extend_from_slice(extra);
-    client(state, Some(w), &args)
+/// What the push tests start from: a server with its metrics listener on (a [`Target`]), the
+/// address of its metrics, and an image directory `img` holding `disk` and an `incus.tar.xz`.
+struct Pushing {
+    t: Target,
+    metrics: String,
+    dir: PathBuf,
+}
+
+impl Pushing {
+    /// `None` where tar or xz, which make the `incus.tar.xz`, are not installed.
+    fn new(disk: &[u8]) -> Option<Pushing> {
+        if !archivers_present() {
+            return None;
+        }
+        let t = Target::with_metrics();
+        let metrics = metrics_addr(&t.s);
+        let dir = t.image_dir("img", disk, "x86_64");
+        Some(Pushing { t, metrics, dir })
+    }
+
+    /// The size of the image directory's `incus.tar.xz`.
+    fn meta_len(&self) -> u64 {
+        std::fs::metadata(self.dir.join("incus.tar.xz"))
+            .unwrap()
+            .len()
+    }
+
+    /// `imgsrv push` of the image directory as img `version`, with 1 MiB parts.
+    fn push(&self, version: &str, extra: &[&str]) -> Command {
+        let p = self.dir.display().to_string();
+        let mut args = vec!["img", version, &p, "--part-size-mib", "1"];
+        args.extend_from_slice(extra);
+        self.t.push(&args)
+    }
 }
 
 /// Files larger than 8 MiB are sent while they are hashed, in order, so the server carries
@@ -220,36 +235,21 @@ fn push_cmd(
 /// version send nothing.
 #[test]
 fn push_hashes_while_it_sends() {
-    if !require_tool("tar") || !require_tool("xz") {
-        return;
-    }
-    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
-    let metrics = metrics_addr(&s);
-    let w = s.writer_token();
-    let work = tempfile::tempdir().unwrap();
-    let state = work.path().join("state");
-    let url = format!("http://{}", s.addr);
     let disk = bytes(12 * MIB + 321, 6);
-    let dir = image_dir(work.path(), "img", &disk, "x86_64");
-    let meta_len = std::fs::metadata(dir.join("incus.tar.xz")).unwrap().len();
+    let Some(p) = Pushing::new(&disk) else { return };
+    let (s, metrics, state) = (&p.t.s, &p.metrics, &p.t.state);
+    let meta_len = p.meta_len();
 
-    let o = run(push_cmd(
-        &state,
-        &w,
-        &url,
-        "1.0",
-        &dir,
-        &["--parallel", "1"],
-    ));
+    let o = run(p.push("1.0", &["--parallel", "1"]));
     assert!(o.status.success(), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains(&sha256_digest(&disk)),
         "{}",
         show(&o)
     );
-    let sent = part_bytes(&metrics);
+    let sent = part_bytes(metrics);
     assert_eq!(sent, disk.len() as u64 + meta_len, "each byte sent once");
-    assert_eq!(rehashed(&metrics), 0.0, "complete read parts back");
+    assert_eq!(rehashed(metrics), 0.0, "complete read parts back");
     let m = s.get("/v1/images/img/versions/1.0").json();
     assert_eq!(m["version"]["state"], "published", "{m}");
     assert_eq!(
@@ -261,32 +261,28 @@ fn push_hashes_while_it_sends() {
         "/v1/images/img/versions/1.0/artifacts/{aid}/download"
     ));
     assert!(got.body == disk, "downloaded disk differs");
-    assert_eq!(
-        acked_parts(&state),
-        0,
-        "the state file is removed once done"
-    );
+    assert_eq!(acked_parts(state), 0, "the state file is removed once done");
 
     // Again: nothing sent, nothing changed.
-    let o = run(push_cmd(&state, &w, &url, "1.0", &dir, &[]));
+    let o = run(p.push("1.0", &[]));
     assert!(o.status.success(), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("already published"),
         "{}",
         show(&o)
     );
-    assert_eq!(part_bytes(&metrics), sent);
+    assert_eq!(part_bytes(metrics), sent);
 
     // Under a new version: this client pushed these files to this server, so it hashes them
     // first, and begin answers that the server has them.
-    let o = run(push_cmd(&state, &w, &url, "1.1", &dir, &[]));
+    let o = run(p.push("1.1", &[]));
     assert!(o.status.success(), "{}", show(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("disk.qcow2: already on the server, not sent"),
         "{}",
         show(&o)
     );
-    assert_eq!(part_bytes(&metrics), sent);
+    assert_eq!(part_bytes(metrics), sent);
     assert_eq!(
         s.get("/v1/images/img/versions/1.1").json()["version"]["state"],
         "published"
@@ -297,28 +293,15 @@ fn push_hashes_while_it_sends() {
 /// that the server holds the blob: it stops sending and aborts its session.
 #[test]
 fn push_stops_sending_once_the_digest_shows_the_blob_is_there() {
-    if !require_tool("tar") || !require_tool("xz") {
-        return;
-    }
-    let mut s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
-    let metrics = metrics_addr(&s);
-    let w = s.writer_token();
-    let work = tempfile::tempdir().unwrap();
-    let url = format!("http://{}", s.addr);
     let disk = bytes(64 * MIB, 7);
-    let dir = image_dir(work.path(), "img", &disk, "x86_64");
-    s.upload(&w, &disk);
-    let before = part_bytes(&metrics);
+    let Some(mut p) = Pushing::new(&disk) else {
+        return;
+    };
+    p.t.s.upload(&p.t.w, &disk);
+    let before = part_bytes(&p.metrics);
 
-    let state = work.path().join("fresh-state");
-    let o = run(push_cmd(
-        &state,
-        &w,
-        &url,
-        "1.0",
-        &dir,
-        &["--parallel", "1"],
-    ));
+    // The client's state directory is still empty: it has not pushed the file before.
+    let o = run(p.push("1.0", &["--parallel", "1"]));
     assert!(o.status.success(), "{}", show(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -326,18 +309,18 @@ fn push_stops_sending_once_the_digest_shows_the_blob_is_there() {
         "{}",
         show(&o)
     );
-    let sent = part_bytes(&metrics) - before;
+    let sent = part_bytes(&p.metrics) - before;
     eprintln!(
         "sent {sent} of {} bytes before the digest was known",
         disk.len()
     );
     assert!(sent < disk.len() as u64, "{sent} bytes sent\n{}", show(&o));
-    let m = s.get("/v1/images/img/versions/1.0").json();
+    let m = p.t.s.get("/v1/images/img/versions/1.0").json();
     assert_eq!(m["version"]["state"], "published", "{m}");
-    assert_eq!(acked_parts(&state), 0);
+    assert_eq!(acked_parts(&p.t.state), 0);
 
     // The late session was aborted: no part is kept.
-    let db = stop_and_read(&mut s);
+    let db = stop_and_read(&mut p.t.s);
     db.check(true);
     assert!(
         db.parts.is_empty(),
@@ -349,23 +332,15 @@ fn push_stops_sending_once_the_digest_shows_the_blob_is_there() {
 /// changed since is sent afresh, and the new bytes are what gets published.
 #[test]
 fn push_resumes_a_late_upload_and_starts_over_for_a_changed_file() {
-    if !require_tool("tar") || !require_tool("xz") {
-        return;
-    }
-    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
-    let metrics = metrics_addr(&s);
-    let w = s.writer_token();
-    let work = tempfile::tempdir().unwrap();
-    let state = work.path().join("state");
-    let url = format!("http://{}", s.addr);
     let disk = bytes(24 * MIB + 5, 8);
-    let dir = image_dir(work.path(), "img", &disk, "x86_64");
-    let meta_len = std::fs::metadata(dir.join("incus.tar.xz")).unwrap().len();
-    let cmd = |version: &str| push_cmd(&state, &w, &url, version, &dir, &["--parallel", "1"]);
+    let Some(p) = Pushing::new(&disk) else { return };
+    let (s, metrics, state, dir) = (&p.t.s, &p.metrics, &p.t.state, &p.dir);
+    let meta_len = p.meta_len();
+    let cmd = |version: &str| p.push(version, &["--parallel", "1"]);
 
-    let acked = kill_after_parts(cmd("1.0"), &state, 6);
+    let acked = kill_after_parts(cmd("1.0"), state, 6);
     std::thread::sleep(Duration::from_millis(500));
-    let first = part_bytes(&metrics);
+    let first = part_bytes(metrics);
     let o = run(cmd("1.0"));
     assert!(o.status.success(), "{}", show(&o));
     assert!(
@@ -373,21 +348,21 @@ fn push_resumes_a_late_upload_and_starts_over_for_a_changed_file() {
         "{}",
         show(&o)
     );
-    let second = part_bytes(&metrics) - first;
+    let second = part_bytes(metrics) - first;
     let most = disk.len() as u64 + meta_len - (acked * MIB) as u64;
     assert!(
         second <= most,
         "resumed run sent {second}, at most {most} expected"
     );
-    assert_published(&s, "1.0", &disk);
+    assert_published(s, "1.0", &disk);
 
     // A new file, interrupted; the state file is then made to record another digest, as if
     // the file had changed in place since: the next run notices when its hash is done and
     // starts over with a new session.
     let changed = bytes(24 * MIB + 5, 9);
     std::fs::write(dir.join("disk.qcow2"), &changed).unwrap();
-    kill_after_parts(cmd("2.0"), &state, 4);
-    let file = single_state_file(&state);
+    kill_after_parts(cmd("2.0"), state, 4);
+    let file = single_state_file(state);
     let mut st: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     st["digest"] = json!(sha256_digest(b"other bytes"));
     std::fs::write(&file, st.to_string()).unwrap();
@@ -398,18 +373,18 @@ fn push_resumes_a_late_upload_and_starts_over_for_a_changed_file() {
         "{}",
         show(&o)
     );
-    assert_published(&s, "2.0", &changed);
+    assert_published(s, "2.0", &changed);
 
     // Interrupted, then rewritten for real (same size): a new file to push, whose bytes are
     // what gets published.
     let third = bytes(24 * MIB + 5, 10);
     std::fs::write(dir.join("disk.qcow2"), &third).unwrap();
-    kill_after_parts(cmd("3.0"), &state, 4);
+    kill_after_parts(cmd("3.0"), state, 4);
     let fourth = bytes(24 * MIB + 5, 11);
     std::fs::write(dir.join("disk.qcow2"), &fourth).unwrap();
     let o = run(cmd("3.0"));
     assert!(o.status.success(), "{}", show(&o));
-    assert_published(&s, "3.0", &fourth);
+    assert_published(s, "3.0", &fourth);
 }
 
 /// The one resumable-upload state file under `state`.

@@ -25,7 +25,7 @@
 //! used is always the one just computed.
 
 use super::upload::{
-    self, BlobRef, Options, Outcome, Restart, Resumable, Source, State, load_state, save_state,
+    self, BlobRef, Job, Options, Outcome, Restart, Resumable, Source, State, load_state, save_state,
 };
 use super::{Api, ClientError, Result};
 use sha2::{Digest as _, Sha256};
@@ -217,9 +217,16 @@ pub fn ensure_file(
     let source = FileSource {
         path: path.to_path_buf(),
     };
+    let job = Job {
+        api,
+        name,
+        media_type,
+        source: &source,
+        opts,
+    };
     if id.size <= HASH_FIRST_MAX || known_path(api, opts, &id).exists() {
         let blob = hash_file(path)?;
-        let pushed = digest_first(api, &blob, name, media_type, &source, opts)?;
+        let pushed = digest_first(&job, &blob)?;
         remember(api, opts, &id, &pushed.blob);
         return Ok(pushed);
     }
@@ -231,16 +238,7 @@ pub fn ensure_file(
     );
     let result = std::thread::scope(|scope| {
         scope.spawn(|| hashing.set(hash_file_until(path, &quit)));
-        let r = late(
-            api,
-            &id,
-            name,
-            media_type,
-            &source,
-            opts,
-            &state_path,
-            &hashing,
-        );
+        let r = late(&job, &id, &state_path, &hashing);
         // An error before the hash is done need not wait for it.
         quit.store(true, Ordering::Relaxed);
         r
@@ -249,15 +247,8 @@ pub fn ensure_file(
     Ok(result)
 }
 
-fn digest_first(
-    api: &Api,
-    blob: &BlobRef,
-    name: &str,
-    media_type: Option<&str>,
-    source: &dyn Source,
-    opts: &Options,
-) -> Result<Pushed> {
-    let outcome = upload::ensure_blob(api, blob, name, media_type, source, opts)?;
+fn digest_first(job: &Job, blob: &BlobRef) -> Result<Pushed> {
+    let outcome = upload::ensure_blob(job, blob)?;
     Ok(Pushed {
         blob: blob.clone(),
         present: outcome == Outcome::Present,
@@ -269,19 +260,10 @@ fn digest_first(
 }
 
 /// The late upload, started over once with a fresh session when the first is unusable.
-#[allow(clippy::too_many_arguments)]
-fn late(
-    api: &Api,
-    id: &FileId,
-    name: &str,
-    media_type: Option<&str>,
-    source: &FileSource,
-    opts: &Options,
-    state_path: &Path,
-    hashing: &Hashing,
-) -> Result<Pushed> {
+fn late(job: &Job, id: &FileId, state_path: &Path, hashing: &Hashing) -> Result<Pushed> {
+    let name = job.name;
     for attempt in 0..2 {
-        match try_late(api, id, name, media_type, source, opts, state_path, hashing) {
+        match try_late(job, id, state_path, hashing) {
             Err(Restart(why)) if attempt == 0 => {
                 eprintln!("{name}: {why}; starting a new upload session");
                 let _ = std::fs::remove_file(state_path);
@@ -291,7 +273,7 @@ fn late(
             Ok(Attempt::Unsupported) => {
                 // A server from before decision 18 wants the digest at begin.
                 let blob = hashing.wait()?;
-                return digest_first(api, &blob, name, media_type, source, opts);
+                return digest_first(job, &blob);
             }
         }
     }
@@ -314,17 +296,13 @@ enum Verdict {
     Unreadable(ClientError),
 }
 
-#[allow(clippy::too_many_arguments)]
 fn try_late(
-    api: &Api,
+    job: &Job,
     id: &FileId,
-    name: &str,
-    media_type: Option<&str>,
-    source: &FileSource,
-    opts: &Options,
     path: &Path,
     hashing: &Hashing,
 ) -> std::result::Result<Attempt, Restart> {
+    let (api, name, media_type, opts) = (job.api, job.name, job.media_type, job.opts);
     let done = |r: Result<Pushed>| Ok(Attempt::Done(r));
     let mut state = load_state(path).filter(|s| {
         s.server == api.base()
@@ -438,7 +416,7 @@ fn try_late(
                 Err(_) => {}
             }
         });
-        let r = upload::send_parts(api, source, opts, path, &shared, &progress, &cancel);
+        let r = upload::send_parts(job, path, &shared, &progress, &cancel);
         sending_done.store(true, Ordering::Relaxed);
         r
     });

@@ -97,15 +97,11 @@ struct Tally {
 }
 
 pub fn run(args: MirrorArgs) -> Result<()> {
-    if args.part_size_mib == 0 || args.part_size_mib > 5 * 1024 {
-        return Err(ClientError::usage(
-            "--part-size-mib must be between 1 and 5120",
-        ));
-    }
-    if args.parallel == 0 || args.parallel > 16 {
-        return Err(ClientError::usage("--parallel must be between 1 and 16"));
-    }
-    let token = super::read_token(args.token_file.as_deref())?;
+    let token = super::check_upload_flags(
+        args.part_size_mib,
+        args.parallel,
+        args.token_file.as_deref(),
+    )?;
     let tls = super::tls_config(args.ca_cert.as_deref())?;
     let up = Api::new(&args.from, None, tls.clone(), args.parallel)?;
     let down = Api::new(&args.to, Some(token), tls, args.parallel)?;
@@ -347,9 +343,14 @@ fn mirror_version(
             digest: blob.digest.clone(),
         };
         let label = format!("{image} {version} {}", short(&blob));
-        if let Outcome::Uploaded { bytes: b } =
-            upload::ensure_blob(down, &blob, &label, Some(&media), &source, opts)?
-        {
+        let job = upload::Job {
+            api: down,
+            name: &label,
+            media_type: Some(&media),
+            source: &source,
+            opts,
+        };
+        if let Outcome::Uploaded { bytes: b } = upload::ensure_blob(&job, &blob)? {
             bytes += b;
         }
     }

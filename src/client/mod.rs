@@ -98,6 +98,24 @@ pub fn read_token(token_file: Option<&str>) -> Result<String> {
     Ok(token)
 }
 
+/// Checks `--part-size-mib` and `--parallel`, then reads the token (`read_token`): what `push`
+/// and `mirror` do before they talk to a server.
+pub fn check_upload_flags(
+    part_size_mib: u64,
+    parallel: usize,
+    token_file: Option<&str>,
+) -> Result<String> {
+    if part_size_mib == 0 || part_size_mib > 5 * 1024 {
+        return Err(ClientError::usage(
+            "--part-size-mib must be between 1 and 5120",
+        ));
+    }
+    if parallel == 0 || parallel > 16 {
+        return Err(ClientError::usage("--parallel must be between 1 and 16"));
+    }
+    read_token(token_file)
+}
+
 /// One HTTP reply: status and body, the JSON document when the body is one.
 pub struct Reply {
     pub status: u16,

@@ -83,15 +83,11 @@ fn collect(paths: &[String]) -> Result<Vec<(PathBuf, Role)>> {
 
 pub fn run(args: PushArgs) -> Result<()> {
     let files = collect(&args.paths)?;
-    if args.part_size_mib == 0 || args.part_size_mib > 5 * 1024 {
-        return Err(ClientError::usage(
-            "--part-size-mib must be between 1 and 5120",
-        ));
-    }
-    if args.parallel == 0 || args.parallel > 16 {
-        return Err(ClientError::usage("--parallel must be between 1 and 16"));
-    }
-    let token = super::read_token(args.token_file.as_deref())?;
+    let token = super::check_upload_flags(
+        args.part_size_mib,
+        args.parallel,
+        args.token_file.as_deref(),
+    )?;
     let meta_file = files
         .iter()
         .find(|(_, r)| *r == Role::IncusMeta)

@@ -49,6 +49,17 @@ pub struct Options {
     pub state_dir: PathBuf,
 }
 
+/// One upload and what every step of it is given: the server, the name it goes by (in
+/// messages and as the session's filename hint), its media type, where its bytes come from, and
+/// how to send them.
+pub struct Job<'a> {
+    pub api: &'a Api,
+    pub name: &'a str,
+    pub media_type: Option<&'a str>,
+    pub source: &'a dyn Source,
+    pub opts: &'a Options,
+}
+
 /// What happened to one blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
@@ -122,19 +133,13 @@ fn part_range(n: u32, size: u64, part_size: u64) -> (u64, u64) {
 /// Makes `blob` present on the server: skipped when the server has it, else uploaded (resuming
 /// a session from an earlier run when one is still open) and completed, which makes the server
 /// verify the whole blob against its digest.
-pub fn ensure_blob(
-    api: &Api,
-    blob: &BlobRef,
-    name: &str,
-    media_type: Option<&str>,
-    source: &dyn Source,
-    opts: &Options,
-) -> Result<Outcome> {
-    let path = state_path(api, blob, opts);
+pub fn ensure_blob(job: &Job, blob: &BlobRef) -> Result<Outcome> {
+    let path = state_path(job.api, blob, job.opts);
+    let name = job.name;
     // A session the server lost (expired, swept, a restore from backup) is noticed at a part or
     // at complete; the upload then starts over once with a fresh session.
     for attempt in 0..2 {
-        match try_upload(api, blob, name, media_type, source, opts, &path) {
+        match try_upload(job, blob, &path) {
             Err(Restart(why)) if attempt == 0 => {
                 eprintln!("{name}: {why}; starting a new upload session");
                 let _ = std::fs::remove_file(&path);
@@ -150,14 +155,11 @@ pub fn ensure_blob(
 pub(super) struct Restart(pub(super) String);
 
 fn try_upload(
-    api: &Api,
+    job: &Job,
     blob: &BlobRef,
-    name: &str,
-    media_type: Option<&str>,
-    source: &dyn Source,
-    opts: &Options,
     path: &Path,
 ) -> std::result::Result<Result<Outcome>, Restart> {
+    let (api, name, media_type, opts) = (job.api, job.name, job.media_type, job.opts);
     let mut state = match load_state(path) {
         Some(s)
             if s.server == api.base()
@@ -210,15 +212,7 @@ fn try_upload(
 
     let progress = start_progress(name, &state);
     let state = Mutex::new(state);
-    let sent = send_parts(
-        api,
-        source,
-        opts,
-        path,
-        &state,
-        &progress,
-        &AtomicBool::new(false),
-    )?;
+    let sent = send_parts(job, path, &state, &progress, &AtomicBool::new(false))?;
     let sent = match sent {
         Ok(()) => progress.counter().load(Ordering::Relaxed),
         Err(e) => return Ok(Err(e)),
@@ -348,9 +342,7 @@ pub(super) fn not_verified(name: &str, session: &Value) -> ClientError {
 /// stops the workers from taking further parts (parts in flight finish); it is set here too
 /// when a part fails.
 pub(super) fn send_parts(
-    api: &Api,
-    source: &dyn Source,
-    opts: &Options,
+    job: &Job,
     path: &Path,
     shared: &Mutex<State>,
     progress: &Progress,
@@ -365,6 +357,7 @@ pub(super) fn send_parts(
     };
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<std::result::Result<ClientError, Restart>>> = Mutex::new(None);
+    let (api, source, opts) = (job.api, job.source, job.opts);
     let workers = opts.parallel.clamp(1, todo.len().max(1));
     std::thread::scope(|scope| {
         for _ in 0..workers {

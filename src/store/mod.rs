@@ -50,7 +50,7 @@ pub struct Store {
 
 /// Chunk bytes between two background flushes of the database file: small next to a part
 /// (so its closing durable commit waits for little), large enough that flushes stay few.
-const WRITEBACK_EVERY: u64 = 16 * 1024 * 1024;
+const WRITEBACK_EVERY: u64 = 4 * 1024 * 1024;
 
 /// The name of the database file inside the data directory.
 pub const DB_FILE: &str = "imgsrv.redb";

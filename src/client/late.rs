@@ -74,13 +74,9 @@ fn hash_file_until(path: &Path, quit: &AtomicBool) -> Result<BlobRef> {
         hasher.update(&buf[..n]);
         size += n as u64;
     }
-    let hex: String = hasher
-        .finalize()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let digest: [u8; 32] = hasher.finalize().into();
     Ok(BlobRef {
-        digest: format!("sha256:{hex}"),
+        digest: crate::digest::Digest::from(digest).to_string(),
         size,
     })
 }
@@ -137,23 +133,16 @@ impl FileId {
 
 /// The record that this file was pushed to this server before (see the module docs).
 fn known_path(api: &Api, opts: &Options, id: &FileId) -> PathBuf {
-    let hash = Sha256::digest(format!("known\n{}\n{}", api.base(), id.key).as_bytes());
-    let name: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
-    opts.state_dir.join("known").join(format!("{name}.json"))
+    upload::state_file(
+        &opts.state_dir.join("known"),
+        &format!("known\n{}\n{}", api.base(), id.key),
+    )
 }
 
 fn remember(api: &Api, opts: &Options, id: &FileId, blob: &BlobRef) {
-    let path = known_path(api, opts, id);
     let body = serde_json::json!({"digest": blob.digest, "size": blob.size});
     // Only a hint: failing to write it costs the next run a late upload, nothing more.
-    if let Some(dir) = path.parent()
-        && std::fs::create_dir_all(dir).is_ok()
-    {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        if std::fs::write(&tmp, body.to_string()).is_ok() {
-            let _ = std::fs::rename(&tmp, &path);
-        }
-    }
+    let _ = upload::write_atomically(&known_path(api, opts, id), body.to_string().as_bytes());
 }
 
 /// The file's digest, computed by a thread of its own and awaited by others.
@@ -233,7 +222,7 @@ pub fn ensure_file(
     let hashing = Hashing::new();
     let quit = AtomicBool::new(false);
     let state_path = upload::state_file(
-        opts,
+        &opts.state_dir,
         &format!("late\n{}\n{}\n{}", api.base(), id.key, opts.part_size),
     );
     let result = std::thread::scope(|scope| {

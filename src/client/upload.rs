@@ -85,16 +85,15 @@ pub(super) struct State {
     pub(super) file: String,
 }
 
-/// A state file named by a hash of `key` in the state directory.
-pub(super) fn state_file(opts: &Options, key: &str) -> PathBuf {
+/// A state file in `dir` named by a hash of `key`.
+pub(super) fn state_file(dir: &Path, key: &str) -> PathBuf {
     let hash = Sha256::digest(key.as_bytes());
-    let name: String = hash[..16].iter().map(|b| format!("{b:02x}")).collect();
-    opts.state_dir.join(format!("{name}.json"))
+    dir.join(format!("{}.json", crate::digest::hex(&hash[..16])))
 }
 
 fn state_path(api: &Api, blob: &BlobRef, opts: &Options) -> PathBuf {
     state_file(
-        opts,
+        &opts.state_dir,
         &format!("{}\n{}\n{}", api.base(), blob.digest, opts.part_size),
     )
 }
@@ -107,6 +106,12 @@ pub(super) fn load_state(path: &Path) -> Option<State> {
 /// Writes the state atomically (temporary file, then rename), so a kill never leaves half a
 /// file behind.
 pub(super) fn save_state(path: &Path, state: &State) -> Result<()> {
+    let body = serde_json::to_vec(state).expect("state serializes");
+    write_atomically(path, &body)
+}
+
+/// Writes `body` to `path` through a temporary file and a rename, creating the directory.
+pub(super) fn write_atomically(path: &Path, body: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| {
         ClientError::failed(format!(
@@ -115,7 +120,6 @@ pub(super) fn save_state(path: &Path, state: &State) -> Result<()> {
         ))
     })?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let body = serde_json::to_vec(state).expect("state serializes");
     std::fs::write(&tmp, body)
         .and_then(|_| std::fs::rename(&tmp, path))
         .map_err(|e| ClientError::failed(format!("cannot write {}: {e}", path.display())))

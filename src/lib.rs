@@ -19,6 +19,7 @@ pub mod log;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod pace;
 pub mod page;
 pub mod scrub;
 pub mod server;

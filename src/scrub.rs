@@ -59,14 +59,7 @@ pub fn start(
 
 /// Sleeps until `until` in short slices; returns false if the server is stopping.
 fn sleep_until(until: Instant, stop: &AtomicBool) -> bool {
-    while Instant::now() < until {
-        if stop.load(Ordering::SeqCst) {
-            return false;
-        }
-        let left = until.saturating_duration_since(Instant::now());
-        std::thread::sleep(left.min(Duration::from_millis(100)));
-    }
-    !stop.load(Ordering::SeqCst)
+    crate::pace::sleep_until(until, &mut || !stop.load(Ordering::SeqCst))
 }
 
 fn run(store: &Store, settings: Settings, stop: &AtomicBool) {
@@ -151,8 +144,7 @@ fn pass(store: &Store, rate: u64, stop: &AtomicBool) -> bool {
             break;
         }
         // Pace to the rate: the bytes read so far may take this long at the most.
-        let due = began + Duration::from_secs_f64(bytes as f64 / rate as f64);
-        if !sleep_until(due, stop) {
+        if !sleep_until(crate::pace::due(began, bytes, rate), stop) {
             return false;
         }
     }

@@ -238,20 +238,20 @@ impl Copier<'_, '_> {
         Ok(())
     }
 
-    /// Sleeps while the copy is ahead of `rate` bytes a second, in short naps so that a stop
-    /// is still noticed at once.
+    /// Sleeps while the copy is ahead of `rate` bytes a second, still reporting progress (a
+    /// server learns so that its client went away) and honouring a stop.
     fn keep_to(&mut self, rate: u64) -> Result<()> {
-        let due =
-            std::time::Duration::from_secs_f64(self.summary.bytes as f64 / rate.max(1) as f64);
-        while let Some(ahead) = due.checked_sub(self.started.elapsed()) {
-            if ahead.is_zero() {
-                break;
-            }
-            (self.pace.progress)(self.summary.bytes, self.estimate);
-            self.check_stop()?;
-            std::thread::sleep(ahead.min(std::time::Duration::from_millis(50)));
+        let due = crate::pace::due(self.started, self.summary.bytes, rate);
+        let (bytes, estimate) = (self.summary.bytes, self.estimate);
+        let pace = &mut self.pace;
+        if crate::pace::sleep_until(due, &mut || {
+            (pace.progress)(bytes, estimate);
+            !(pace.stop)()
+        }) {
+            Ok(())
+        } else {
+            self.check_stop()
         }
-        Ok(())
     }
 }
 

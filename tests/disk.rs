@@ -479,6 +479,8 @@ fn damaged_database_never_panics_and_never_serves_wrong_bytes() {
             *b ^= 0xA5;
         }
         std::fs::write(dir.path().join("imgsrv.redb"), &damaged).unwrap();
+        // Named before the start, so that a start that hangs says where the damage was.
+        eprintln!("{what} at {at}: starting");
         match start_on(dir.path()) {
             Started::Exited(code, log) => {
                 assert!(!log.contains("panicked"), "{what} at {at}: a panic\n{log}");

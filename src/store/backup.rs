@@ -83,14 +83,7 @@ pub fn write_copy(txn: &ReadTransaction, file: File, pace: Pace<'_>) -> Result<S
             file,
             sync_now: sync_now.clone(),
         };
-        let db = Builder::new()
-            .set_cache_size(CACHE_BYTES)
-            .create_with_backend(backend)
-            .map_err(|e| Error::internal(format!("cannot create the copy: {e}")))?;
-        let summary = copy_snapshot(txn, &db, flush, pace, &sync_now)?;
-        db.close()
-            .map_err(|e| Error::internal(format!("closing the copy: {e}")))?;
-        Ok(summary)
+        copy_into(txn, backend, &sync_now, flush, pace)
     });
     result.unwrap_or_else(|panic| {
         Err(Error::internal(format!(
@@ -106,6 +99,24 @@ impl Store {
         let txn = self.begin_read()?;
         write_copy(&txn, file, pace)
     }
+}
+
+/// Creates the copy's database on `backend` and copies the snapshot `txn` into it.
+fn copy_into(
+    txn: &ReadTransaction,
+    backend: impl redb::StorageBackend,
+    sync_now: &AtomicBool,
+    flush: Option<File>,
+    pace: Pace<'_>,
+) -> Result<Summary> {
+    let db = Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create_with_backend(backend)
+        .map_err(|e| Error::internal(format!("cannot create the copy: {e}")))?;
+    let summary = copy_snapshot(txn, &db, flush, pace, sync_now)?;
+    db.close()
+        .map_err(|e| Error::internal(format!("closing the copy: {e}")))?;
+    Ok(summary)
 }
 
 /// Copies every table of the snapshot `txn` into the new database `dst`, in batches; sets
@@ -567,5 +578,128 @@ impl Offline {
         }
         db.close()
             .map_err(|e| Error::internal(format!("closing the database: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::ReadableTableMetadata;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// The copy's backend, counting the writes at each offset and the large reads.
+    #[derive(Debug)]
+    struct Counting {
+        inner: DeferredSync,
+        writes: Arc<Mutex<HashMap<u64, u32>>>,
+        large_reads: Arc<Mutex<u32>>,
+        syncs: Arc<Mutex<u32>>,
+    }
+
+    /// Writes and reads this large are chunk pages.
+    const LARGE: usize = 512 * 1024;
+
+    impl redb::StorageBackend for Counting {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            if out.len() >= LARGE {
+                *self.large_reads.lock().unwrap() += 1;
+            }
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            if self.inner.sync_now.load(Ordering::SeqCst) {
+                *self.syncs.lock().unwrap() += 1;
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            if data.len() >= LARGE {
+                *self.writes.lock().unwrap().entry(offset).or_default() += 1;
+            }
+            self.inner.write(offset, data)
+        }
+    }
+
+    /// A copy larger than redb's write buffer writes each chunk page once and reads none back
+    /// (the batches of non-durable commits it replaced wrote most pages twice; module docs),
+    /// syncs only at the end, and holds every chunk.
+    #[test]
+    fn a_copy_writes_each_chunk_page_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Database::create(dir.path().join("src.redb")).unwrap();
+        const N: u32 = 80;
+        let mut x = 0x9E37_79B9_7F4A_7C15u64;
+        let txn = src.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(CHUNKS).unwrap();
+            let mut value = vec![0u8; super::super::chunks::CHUNK_SIZE];
+            for i in 0..N {
+                for b in value.iter_mut() {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    *b = x as u8;
+                }
+                let mut key = [0u8; 32];
+                key[..4].copy_from_slice(&i.to_be_bytes());
+                t.insert(&key, value.as_slice()).unwrap();
+            }
+        }
+        txn.commit().unwrap();
+
+        let out = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("copy.redb"))
+            .unwrap();
+        let sync_now = Arc::new(AtomicBool::new(false));
+        let backend = Counting {
+            inner: DeferredSync {
+                file: redb::backends::FileBackend::new(out).unwrap(),
+                sync_now: sync_now.clone(),
+            },
+            writes: Arc::default(),
+            large_reads: Arc::default(),
+            syncs: Arc::default(),
+        };
+        let (writes, large_reads, syncs) = (
+            backend.writes.clone(),
+            backend.large_reads.clone(),
+            backend.syncs.clone(),
+        );
+        let snapshot = src.begin_read().unwrap();
+        let summary = copy_into(
+            &snapshot,
+            backend,
+            &sync_now,
+            None,
+            Pace {
+                rate: None,
+                progress: &mut |_, _| {},
+                stop: &|| false,
+            },
+        )
+        .unwrap();
+        assert_eq!(summary.rows, u64::from(N));
+
+        let writes = writes.lock().unwrap();
+        let twice: Vec<_> = writes.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "pages written more than once: {twice:?}");
+        assert_eq!(writes.len(), N as usize, "one large write per chunk");
+        assert_eq!(*large_reads.lock().unwrap(), 0, "chunk pages read back");
+        assert!(*syncs.lock().unwrap() >= 1, "the last commit syncs");
+
+        let copy = Database::open(dir.path().join("copy.redb")).unwrap();
+        let read = copy.begin_read().unwrap();
+        let t = read.open_table(CHUNKS).unwrap();
+        assert_eq!(ReadableTableMetadata::len(&t).unwrap(), u64::from(N));
     }
 }

@@ -320,8 +320,8 @@ fn copy_table<K: Key + 'static, V: Value + 'static>(
 }
 
 /// Runs `fill` on the table `def` in one batch transaction after another, committing each
-/// batch (non-durably) when `fill` returns true (it is due) and stopping when it returns false
-/// (no rows left).
+/// batch (see [`Copier::commit`]) when `fill` returns true (it is due) and stopping when it
+/// returns false (no rows left).
 fn in_batches<'d, 'p, K: Key + 'static, V: Value + 'static>(
     c: &mut Copier<'d, 'p>,
     def: TableDefinition<K, V>,

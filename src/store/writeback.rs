@@ -1,8 +1,9 @@
 //! Early writeback: a background thread that flushes a database file's dirty pages while
 //! writing goes on, so that the next durable commit finds little left to write.
 //!
-//! Bulk writes (the chunks of a part upload, the batches of a backup) go into the file
-//! through non-durable commits, and the kernel keeps them in its page cache: far below its
+//! Bulk writes (the chunks of a part upload through non-durable commits, the batches of a
+//! backup through commits whose syncs are put off) go into the file without a sync, and the
+//! kernel keeps them in its page cache: far below its
 //! own writeback thresholds, it would write them all only at the next `fsync`, the durable
 //! commit that ends the part or the backup, which then waits for every byte. Flushing in the
 //! background as the data arrives overlaps that disk time with receiving the next bytes.

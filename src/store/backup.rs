@@ -16,7 +16,7 @@
 //! batches that each page reaches exactly once, flushed in the background as it goes, and made
 //! durable by one real sync at the end, so that it runs at disk speed.
 //!
-//! Why each batch is an `Immediate` commit whose sync is put off ([`DeferredSync`]) rather than
+//! Why each batch is an `Immediate` commit whose sync is put off (`DeferredSync`, below) rather than
 //! a `Durability::None` commit: redb keeps the pages of a non-durable commit in its write
 //! buffer, so after a few batches the buffer is full and every new page pushes an older one out
 //! to the file, often a page of the batch still being written. At commit redb recomputes the

@@ -60,6 +60,10 @@ fn parse_backup_request(line: &str) -> Result<Option<u64>, ()> {
 /// How often the server reports progress.
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
+/// How long a shutdown lets running backups end on their own, with their client told why,
+/// before it cuts their connections.
+const LAST_WORD: Duration = Duration::from_secs(2);
+
 /// What the server answers a backup request with.
 #[derive(Debug)]
 pub enum Reply {
@@ -261,11 +265,20 @@ impl AdminServer {
                         .unwrap_or_else(|p| p.into_inner())
                         .retain(|(_, h)| !h.is_finished());
                 }
-                // Cut off backups still streaming (their client reports the shutdown) and wait
-                // for their threads, which hold read transactions on the store.
+                // A running backup sees the stop within a tenth of a second and tells its
+                // client why it ends; it gets `LAST_WORD` to do so. Only a connection still
+                // busy after that (a client that stopped reading, so the write blocks) is cut
+                // off: cutting first would race the message and leave the client guessing.
+                // Their threads hold read transactions on the store, so they are joined.
                 let conns = std::mem::take(&mut *open.lock().unwrap_or_else(|p| p.into_inner()));
+                let deadline = std::time::Instant::now() + LAST_WORD;
                 for (conn, handle) in conns {
-                    let _ = conn.shutdown(std::net::Shutdown::Both);
+                    while !handle.is_finished() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    if !handle.is_finished() {
+                        let _ = conn.shutdown(std::net::Shutdown::Both);
+                    }
                     let _ = handle.join();
                 }
             })

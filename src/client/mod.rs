@@ -10,7 +10,10 @@ pub mod mirror;
 pub mod progress;
 pub mod push;
 pub mod sync;
+pub mod tls;
 pub mod upload;
+
+pub use tls::config as tls_config;
 
 use serde_json::Value;
 use std::path::Path;
@@ -171,129 +174,6 @@ pub struct Api {
     token: Option<String>,
 }
 
-/// TLS trust for every client: the system's roots, plus `--ca-cert` (a private CA, or a
-/// self-signed server's own certificate).
-///
-/// A self-signed certificate made the usual way (`openssl req -x509`) is marked as a CA, and
-/// WebPKI refuses a CA certificate as a server's own (`CaUsedAsEndEntity`). So a server whose
-/// certificate is byte-for-byte one of the `--ca-cert` certificates is accepted as pinned, the
-/// way Incus pins `servercerts/`: the handshake signature is still checked against that
-/// certificate's key, so only its key holder passes. Any other certificate must chain to a root.
-pub fn tls_config(ca_cert: Option<&str>) -> Result<Arc<rustls::ClientConfig>> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    // A missing or partly unreadable system store is not fatal: --ca-cert may be all we need.
-    for cert in rustls_native_certs::load_native_certs().certs {
-        let _ = roots.add(cert);
-    }
-    let mut pinned = Vec::new();
-    if let Some(path) = ca_cert {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .map_err(|e| ClientError::usage(format!("cannot read --ca-cert {path}: {e}")))?
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| ClientError::usage(format!("cannot parse --ca-cert {path}: {e}")))?;
-        if certs.is_empty() {
-            return Err(ClientError::usage(format!(
-                "no certificate found in --ca-cert {path}"
-            )));
-        }
-        for c in certs {
-            // A certificate WebPKI cannot use as an anchor may still be pinned.
-            let _ = roots.add(c.clone());
-            pinned.push(c);
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| ClientError::failed(format!("TLS configuration: {e}")))?;
-    if roots.is_empty() && pinned.is_empty() {
-        return Err(ClientError::usage(
-            "no TLS roots: the system has no CA certificates; pass --ca-cert FILE",
-        ));
-    }
-    let webpki = if roots.is_empty() {
-        None
-    } else {
-        Some(
-            rustls::client::WebPkiServerVerifier::builder_with_provider(
-                Arc::new(roots),
-                provider.clone(),
-            )
-            .build()
-            .map_err(|e| ClientError::failed(format!("TLS configuration: {e}")))?,
-        )
-    };
-    let verifier = PinnedOrRoots {
-        pinned,
-        webpki,
-        algorithms: provider.signature_verification_algorithms,
-    };
-    Ok(Arc::new(
-        builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(verifier))
-            .with_no_client_auth(),
-    ))
-}
-
-#[derive(Debug)]
-struct PinnedOrRoots {
-    pinned: Vec<rustls::pki_types::CertificateDer<'static>>,
-    webpki: Option<Arc<rustls::client::WebPkiServerVerifier>>,
-    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
-}
-
-impl rustls::client::danger::ServerCertVerifier for PinnedOrRoots {
-    fn verify_server_cert(
-        &self,
-        end_entity: &rustls::pki_types::CertificateDer<'_>,
-        intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        server_name: &rustls::pki_types::ServerName<'_>,
-        ocsp_response: &[u8],
-        now: rustls::pki_types::UnixTime,
-    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        if self
-            .pinned
-            .iter()
-            .any(|p| p.as_ref() == end_entity.as_ref())
-        {
-            return Ok(rustls::client::danger::ServerCertVerified::assertion());
-        }
-        match &self.webpki {
-            Some(w) => {
-                w.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-            }
-            None => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownIssuer,
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
 impl Api {
     pub fn new(
         url: &str,
@@ -301,22 +181,32 @@ impl Api {
         tls: Arc<rustls::ClientConfig>,
         parallel: usize,
     ) -> Result<Api> {
+        use ureq::unversioned::resolver::DefaultResolver;
+        use ureq::unversioned::transport::{Connector, TcpConnector};
         let base = url.trim_end_matches('/').to_string();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::usage(format!(
                 "server URL {url:?} must start with http:// or https://"
             )));
         }
-        let agent = ureq::AgentBuilder::new()
-            .tls_config(tls)
-            .timeout_connect(Duration::from_secs(15))
+        let config = ureq::Agent::config_builder()
+            // Any status is an answer to read (problem+json), not a transport error.
+            .http_status_as_error(false)
+            // Proxies from the environment are not used: a publish goes to the URL given.
+            .proxy(None)
+            .timeout_connect(Some(Duration::from_secs(15)))
             // A part's answer comes once all of it is stored, and a multi-part complete hashes
-            // the whole blob first: allow minutes, not seconds.
-            .timeout_read(Duration::from_secs(600))
-            .timeout_write(Duration::from_secs(120))
+            // the whole blob first: allow minutes of silence, not seconds.
+            .timeout_per_read(Some(Duration::from_secs(600)))
+            .timeout_per_write(Some(Duration::from_secs(120)))
+            // Body bytes leave in writes this large: 8 KiB writes cost a part upload a third
+            // more system time than 128 KiB ones.
+            .output_buffer_size(OUTPUT_BUFFER)
             .max_idle_connections_per_host(parallel.max(1) + 2)
             .user_agent(concat!("imgsrv/", env!("CARGO_PKG_VERSION")))
             .build();
+        let connector = ().chain(TcpConnector::default()).chain(tls::TlsConnector { config: tls });
+        let agent = ureq::Agent::with_parts(config, connector, DefaultResolver::default());
         Ok(Api { agent, base, token })
     }
 
@@ -328,26 +218,50 @@ impl Api {
         format!("{}{path}", self.base)
     }
 
-    fn request(&self, method: &str, path: &str) -> ureq::Request {
-        let r = self.agent.request(method, &self.url(path));
+    fn request(&self, method: &str, path: &str) -> ureq::http::request::Builder {
+        let r = ureq::http::Request::builder()
+            .method(method)
+            .uri(self.url(path));
         match &self.token {
-            Some(t) => r.set("Authorization", &format!("Bearer {t}")),
+            Some(t) => r.header("Authorization", format!("Bearer {t}")),
             None => r,
         }
+    }
+
+    fn run(
+        &self,
+        method: &str,
+        path: &str,
+        request: std::result::Result<ureq::http::Request<impl ureq::AsSendBody>, ureq::http::Error>,
+    ) -> Result<ureq::http::Response<ureq::Body>> {
+        let request = request.map_err(|e| {
+            ClientError::usage(format!(
+                "{method} {}: not a valid request: {e}",
+                self.url(path)
+            ))
+        })?;
+        self.agent
+            .run(request)
+            .map_err(|e| transport_error(self, &e))
     }
 
     /// Sends a request with an optional JSON body. Any HTTP status is a `Reply`; only a
     /// failure to talk to the server is an error.
     pub fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Reply> {
         let req = self.request(method, path);
-        let result = match body {
-            Some(b) => req
-                .set("Content-Type", "application/json")
-                .send_string(&b.to_string()),
-            None if method == "GET" || method == "HEAD" || method == "DELETE" => req.call(),
-            None => req.send_bytes(b""),
+        let resp = match body {
+            Some(b) => self.run(
+                method,
+                path,
+                req.header("Content-Type", "application/json")
+                    .body(b.to_string()),
+            )?,
+            None if method == "GET" || method == "HEAD" || method == "DELETE" => {
+                self.run(method, path, req.body(()))?
+            }
+            None => self.run(method, path, req.body(&b""[..]))?,
         };
-        reply(self, method, path, result)
+        reply(self, method, path, resp)
     }
 
     pub fn get(&self, path: &str) -> Result<Reply> {
@@ -355,13 +269,14 @@ impl Api {
     }
 
     /// Streams `len` bytes from `body` as a request with that `Content-Length`.
-    pub fn put_stream(&self, path: &str, len: u64, body: impl std::io::Read) -> Result<Reply> {
-        let result = self
+    pub fn put_stream(&self, path: &str, len: u64, mut body: impl std::io::Read) -> Result<Reply> {
+        let req = self
             .request("PUT", path)
-            .set("Content-Type", "application/octet-stream")
-            .set("Content-Length", &len.to_string())
-            .send(body);
-        reply(self, "PUT", path, result)
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Length", len.to_string())
+            .body(ureq::SendBody::from_reader(&mut body));
+        let resp = self.run("PUT", path, req)?;
+        reply(self, "PUT", path, resp)
     }
 
     /// A GET whose body is read by the caller (a download); `range` is an inclusive byte range.
@@ -372,41 +287,36 @@ impl Api {
     ) -> Result<(u16, Box<dyn std::io::Read + Send + Sync>)> {
         let mut req = self.request("GET", path);
         if let Some((a, b)) = range {
-            req = req.set("Range", &format!("bytes={a}-{b}"));
+            req = req.header("Range", format!("bytes={a}-{b}"));
         }
-        match req.call() {
-            Ok(r) => Ok((r.status(), Box::new(r.into_reader()))),
-            Err(ureq::Error::Status(code, r)) => {
-                let text = r.into_string().unwrap_or_default();
-                let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-                let reply = Reply {
-                    status: code,
-                    json,
-                    text,
-                };
-                Err(status_error(
-                    &format!("GET {}", self.url(path)),
-                    code,
-                    &reply.detail(),
-                ))
-            }
-            Err(ureq::Error::Transport(t)) => Err(transport_error(self, &t)),
+        let resp = self.run("GET", path, req.body(()))?;
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            let text = resp.into_body().read_to_string().unwrap_or_default();
+            let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+            let reply = Reply { status, json, text };
+            return Err(status_error(
+                &format!("GET {}", self.url(path)),
+                status,
+                &reply.detail(),
+            ));
         }
+        Ok((status, Box::new(resp.into_body().into_reader())))
     }
 }
+
+/// The size of the writes that carry a request body (ureq's default, stated because the push
+/// speed depends on it).
+const OUTPUT_BUFFER: usize = 128 * 1024;
 
 fn reply(
     api: &Api,
     method: &str,
     path: &str,
-    result: std::result::Result<ureq::Response, ureq::Error>,
+    resp: ureq::http::Response<ureq::Body>,
 ) -> Result<Reply> {
-    let (status, resp) = match result {
-        Ok(r) => (r.status(), r),
-        Err(ureq::Error::Status(code, r)) => (code, r),
-        Err(ureq::Error::Transport(t)) => return Err(transport_error(api, &t)),
-    };
-    let text = resp.into_string().map_err(|e| {
+    let status = resp.status().as_u16();
+    let text = resp.into_body().read_to_string().map_err(|e| {
         ClientError::new(
             Kind::Unreachable,
             format!("{method} {}: reading the answer: {e}", api.url(path)),
@@ -428,10 +338,10 @@ fn reply(
     Ok(Reply { status, json, text })
 }
 
-fn transport_error(api: &Api, t: &ureq::Transport) -> ClientError {
+fn transport_error(api: &Api, e: &ureq::Error) -> ClientError {
     ClientError::new(
         Kind::Unreachable,
-        format!("cannot talk to {}: {t}", api.base),
+        format!("cannot talk to {}: {e}", api.base),
     )
 }
 

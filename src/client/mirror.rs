@@ -102,7 +102,7 @@ pub fn run(args: MirrorArgs) -> Result<()> {
         args.parallel,
         args.token_file.as_deref(),
     )?;
-    let tls = super::tls_config(args.ca_cert.as_deref())?;
+    let tls = super::tls::config(args.ca_cert.as_deref())?;
     let up = Api::new(&args.from, None, tls.clone(), args.parallel)?;
     let down = Api::new(&args.to, Some(token), tls, args.parallel)?;
     if up.base() == down.base() {

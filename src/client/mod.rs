@@ -13,8 +13,6 @@ pub mod sync;
 pub mod tls;
 pub mod upload;
 
-pub use tls::config as tls_config;
-
 use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;

@@ -109,7 +109,7 @@ pub fn run(args: PushArgs) -> Result<()> {
                 "no --arch given and no architecture in incus.tar.xz's metadata.yaml",
             )
         })?;
-    let tls = super::tls_config(args.ca_cert.as_deref())?;
+    let tls = super::tls::config(args.ca_cert.as_deref())?;
     let api = Api::new(&args.server, Some(token), tls, args.parallel)?;
     let opts = upload::Options {
         part_size: args.part_size_mib * 1024 * 1024,

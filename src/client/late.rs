@@ -6,11 +6,10 @@
 //! so that the server carries the blob's sha256 from each part to the next and `complete` has
 //! nothing left to hash. Meanwhile a second thread hashes the file (a second read, from the
 //! page cache) at the lowest scheduling priority; on an idle core hashing is about three times
-//! faster than loopback upload. When the digest is
-//! known, the server is asked whether it already holds that blob (a session begun with the
-//! digest answers `ready` at once); if it does, no further part is sent and the late session
-//! is aborted. Otherwise `complete` gives the digest, and the server checks the assembled bytes
-//! against it.
+//! faster than loopback upload. When the digest is known, the server is asked whether it
+//! already holds that blob (a session begun with the digest answers `ready` at once); if it
+//! does, no further part is sent and the late session is aborted. Otherwise `complete` gives
+//! the digest, and the server checks the assembled bytes against it.
 //!
 //! Resuming works as for digest-first uploads (`upload`), except that the state file is named
 //! by what is known before hashing: the server, the file's canonical path, size, modification

@@ -290,13 +290,12 @@ impl Api {
         let resp = self.run("GET", path, req.body(()))?;
         let status = resp.status().as_u16();
         if status >= 400 {
-            let text = resp.into_body().read_to_string().unwrap_or_default();
-            let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-            let reply = Reply { status, json, text };
+            // An answer that cannot be read still names the status.
+            let detail = read_answer(resp).map(|r| r.detail()).unwrap_or_default();
             return Err(status_error(
                 &format!("GET {}", self.url(path)),
                 status,
-                &reply.detail(),
+                &detail,
             ));
         }
         Ok((status, Box::new(resp.into_body().into_reader())))
@@ -313,17 +312,15 @@ fn reply(
     path: &str,
     resp: ureq::http::Response<ureq::Body>,
 ) -> Result<Reply> {
-    let status = resp.status().as_u16();
-    let text = resp.into_body().read_to_string().map_err(|e| {
+    let answer = read_answer(resp).map_err(|e| {
         ClientError::new(
             Kind::Unreachable,
             format!("{method} {}: reading the answer: {e}", api.url(path)),
         )
     })?;
-    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
     // A 404 in plain text from the router (rather than problem+json) on an API path means the
     // URL does not lead to an imgsrv API at all.
-    if status == 404 && json.is_null() {
+    if answer.status == 404 && answer.json.is_null() {
         return Err(ClientError::new(
             Kind::Unreachable,
             format!(
@@ -333,6 +330,14 @@ fn reply(
             ),
         ));
     }
+    Ok(answer)
+}
+
+/// Reads a whole answer: its status, its text and, when the text is JSON, the document.
+fn read_answer(resp: ureq::http::Response<ureq::Body>) -> std::result::Result<Reply, ureq::Error> {
+    let status = resp.status().as_u16();
+    let text = resp.into_body().read_to_string()?;
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
     Ok(Reply { status, json, text })
 }
 

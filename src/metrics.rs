@@ -250,9 +250,22 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
     );
     let _ = writeln!(
         w,
-        "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their sha256 check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}",
+        "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}",
         VERIFY_FAILURES.load(Ordering::Relaxed)
     );
+    {
+        use crate::store::shared::{CHUNKS_READ, CHUNKS_SHARED};
+        let _ = writeln!(
+            w,
+            "# HELP imgsrv_download_chunks_read_total Chunks that downloads read from the database and checked.\n# TYPE imgsrv_download_chunks_read_total counter\nimgsrv_download_chunks_read_total {}",
+            CHUNKS_READ.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            w,
+            "# HELP imgsrv_download_chunks_shared_total Chunks that downloads took from another download's read instead of reading them again.\n# TYPE imgsrv_download_chunks_shared_total counter\nimgsrv_download_chunks_shared_total {}",
+            CHUNKS_SHARED.load(Ordering::Relaxed)
+        );
+    }
     let _ = writeln!(
         w,
         "# HELP imgsrv_upload_complete_rehashed_bytes_total Bytes that completing an upload read back and hashed because their part did not continue the blob's sha256 (parts sent out of order or replaced).\n# TYPE imgsrv_upload_complete_rehashed_bytes_total counter\nimgsrv_upload_complete_rehashed_bytes_total {}",

@@ -130,3 +130,60 @@ fn metrics_reflect_a_workload() {
     // Anything but /metrics is a 404 on the metrics listener.
     assert_eq!(raw_request(&addr, "GET", "/", &[], None).status, 404);
 }
+
+/// Reads the metrics page and returns two counters.
+fn chunk_counters(addr: &str) -> (f64, f64) {
+    let text = raw_request(addr, "GET", "/metrics", &[], None).text();
+    (
+        sample(&text, "imgsrv_download_chunks_read_total"),
+        sample(&text, "imgsrv_download_chunks_shared_total"),
+    )
+}
+
+#[test]
+fn downloads_of_one_blob_running_together_read_each_chunk_once() {
+    use std::io::{Read, Write};
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = metrics_addr(&s);
+    let w = s.writer_token();
+    const N: usize = 40;
+    let data = bytes(N * CHUNK_SIZE, 21);
+    let path = format!("/v1/blobs/{}", s.upload(&w, &data));
+
+    // A download that takes its first bytes and then stalls, so that it stays behind...
+    let mut slow = std::net::TcpStream::connect(&s.addr).unwrap();
+    write!(
+        slow,
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        s.addr
+    )
+    .unwrap();
+    let mut raw = vec![0u8; 64 * 1024];
+    slow.read_exact(&mut raw).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // ...while a second one runs through the whole blob: the chunks it reads past the stalled
+    // one are kept for it.
+    let fast = s.get(&path);
+    assert_eq!(fast.status, 200);
+    assert!(fast.body == data, "the second download's bytes differ");
+    slow.read_to_end(&mut raw).unwrap();
+    let slow = parse_response(&raw, false);
+    assert_eq!(slow.status, 200);
+    assert!(slow.body == data, "the stalled download's bytes differ");
+
+    let (read, shared) = chunk_counters(&addr);
+    assert_eq!(
+        read + shared,
+        2.0 * N as f64,
+        "each download took each chunk once"
+    );
+    assert!(
+        shared >= (N / 2) as f64,
+        "only {shared} of {N} chunks were shared"
+    );
+
+    // Nothing stays kept once the downloads are over: a lone download reads every chunk.
+    let lone = s.get(&path);
+    assert!(lone.body == data, "the lone download's bytes differ");
+    assert_eq!(chunk_counters(&addr), (read + N as f64, shared));
+}

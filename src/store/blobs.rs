@@ -7,6 +7,7 @@
 use super::Store;
 use super::chunks::{self, ChunkRef};
 use super::refcount::BlobRefs;
+use super::shared::{Chunk, SharedChunks};
 use super::tables::{BLOB_REFS, BLOBS, CHUNK_SUMS, CHUNKS};
 use crate::clock::Timestamp;
 use crate::digest::Digest;
@@ -14,6 +15,7 @@ use crate::error::{Error, Result};
 use redb::{ReadOnlyTable, ReadableTable, WriteTransaction};
 use sha2::{Digest as _, Sha256};
 use std::io::{self, Write};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The longest media type a blob record can hold: its length is stored as a u16.
@@ -139,6 +141,7 @@ impl Store {
         let reader = BlobReader {
             chunks: txn.open_table(CHUNKS)?,
             sums: Some(txn.open_table(CHUNK_SUMS)?),
+            shared: Some(self.shared.clone()),
             list: record.chunks.clone(),
             digest: *digest,
         };
@@ -152,6 +155,7 @@ impl Store {
         Ok(BlobReader {
             chunks: txn.open_table(CHUNKS)?,
             sums: None,
+            shared: None,
             list,
             digest: *digest,
         })
@@ -213,6 +217,8 @@ pub struct BlobReader {
     chunks: ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
     /// `None` when the caller verifies the whole instead (assembling an upload).
     sums: Option<ReadOnlyTable<&'static [u8; 32], u128>>,
+    /// Chunks verified by other downloads (only where this reader verifies chunks itself).
+    shared: Option<Arc<SharedChunks>>,
     list: Vec<ChunkRef>,
     digest: [u8; 32],
 }
@@ -222,8 +228,10 @@ impl BlobReader {
     /// digest ends the stream with an error before any of its bytes are sent, so a client sees
     /// a short body, never wrong bytes.
     pub fn write_range(&self, out: &mut dyn Write, start: u64, end: u64) -> io::Result<()> {
+        // Taken at the first chunk of the range, so other downloads see where this one starts.
+        let mut seat = None;
         let mut offset = 0u64;
-        for c in &self.list {
+        for (index, c) in self.list.iter().enumerate() {
             let c_start = offset;
             let c_end = offset + c.len as u64;
             offset = c_end;
@@ -233,33 +241,44 @@ impl BlobReader {
             if c_start >= end {
                 break;
             }
-            // A damaged page can make redb panic or report corruption; either way this
-            // response ends here, and the process and its other connections carry on.
-            let read = super::handle::guarded(|| -> io::Result<Option<_>> {
-                let Some(guard) = self.chunks.get(&c.hash).map_err(read_error)? else {
-                    return Ok(None);
-                };
-                let intact =
-                    guard.value().len() == c.len as usize && self.intact(&c.hash, guard.value())?;
-                Ok(Some((guard, intact)))
-            });
-            let (guard, intact) = match read {
-                Ok(Ok(Some(found))) => found,
-                Ok(Ok(None)) => return Err(self.fail("missing chunk")),
-                Ok(Err(e)) => return Err(self.fail(&format!("cannot read chunk ({e})"))),
-                Err(panic) => {
-                    return Err(self.fail(&format!("damaged database page ({panic})")));
+            let chunk = match &self.shared {
+                Some(shared) => {
+                    let seat = seat.get_or_insert_with(|| shared.seat(&self.digest, index));
+                    shared.get_or_read(seat, index, &c.hash, || self.verified_chunk(c))?
                 }
+                None => self.verified_chunk(c)?,
             };
-            if !intact {
-                return Err(self.fail("chunk failed checksum verification"));
+            let data = chunk.value();
+            if data.len() != c.len as usize {
+                return Err(self.fail("chunk of the wrong length"));
             }
-            let data = guard.value();
             let a = start.saturating_sub(c_start) as usize;
             let b = (end.min(c_end) - c_start) as usize;
             out.write_all(&data[a..b])?;
         }
         Ok(())
+    }
+
+    /// Reads a chunk and checks it (unless the caller checks the whole); an error names what
+    /// went wrong, after it is logged and counted.
+    fn verified_chunk(&self, c: &ChunkRef) -> io::Result<Chunk> {
+        // A damaged page can make redb panic or report corruption; either way this response
+        // ends here, and the process and its other connections carry on.
+        let read = super::handle::guarded(|| -> io::Result<Option<_>> {
+            let Some(guard) = self.chunks.get(&c.hash).map_err(read_error)? else {
+                return Ok(None);
+            };
+            let intact =
+                guard.value().len() == c.len as usize && self.intact(&c.hash, guard.value())?;
+            Ok(Some((guard, intact)))
+        });
+        match read {
+            Ok(Ok(Some((guard, true)))) => Ok(Arc::new(guard)),
+            Ok(Ok(Some((_, false)))) => Err(self.fail("chunk failed checksum verification")),
+            Ok(Ok(None)) => Err(self.fail("missing chunk")),
+            Ok(Err(e)) => Err(self.fail(&format!("cannot read chunk ({e})"))),
+            Err(panic) => Err(self.fail(&format!("damaged database page ({panic})"))),
+        }
     }
 
     /// Whether a chunk's bytes match what was stored.

@@ -24,6 +24,7 @@ mod refcount;
 pub mod retention;
 pub mod retire;
 pub mod scrub;
+pub mod shared;
 pub mod space;
 pub mod stats;
 pub mod streams;
@@ -46,6 +47,8 @@ pub struct Store {
     space: space::Space,
     /// Flushes chunk data written by part uploads in the background (`writeback.rs`).
     writeback: writeback::Writeback,
+    /// Verified chunks that concurrent downloads share (`shared.rs`).
+    shared: std::sync::Arc<shared::SharedChunks>,
 }
 
 /// Chunk bytes between two background flushes of the database file: small next to a part
@@ -75,6 +78,7 @@ impl Store {
             handle,
             space,
             writeback,
+            shared: std::sync::Arc::new(shared::SharedChunks::new(shared::LIMIT)),
         };
         // Walk the small tables once under a guard: damage in the file's first pages then
         // refuses the start with a clear message instead of panicking a request later. A

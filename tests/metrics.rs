@@ -187,3 +187,33 @@ fn downloads_of_one_blob_running_together_read_each_chunk_once() {
     assert!(lone.body == data, "the lone download's bytes differ");
     assert_eq!(chunk_counters(&addr), (read + N as f64, shared));
 }
+
+#[test]
+fn a_download_reads_a_chunk_its_blob_repeats_once() {
+    let s = Server::start_with(&["--metrics-listen", "127.0.0.1:0"]);
+    let addr = metrics_addr(&s);
+    let w = s.writer_token();
+    // Like a raw disk image: two chunks of data among eight chunks of zeros.
+    let zeros = vec![0u8; CHUNK_SIZE];
+    let mut data = bytes(CHUNK_SIZE, 31);
+    for _ in 0..5 {
+        data.extend_from_slice(&zeros);
+    }
+    data.extend_from_slice(&bytes(CHUNK_SIZE, 32));
+    for _ in 0..3 {
+        data.extend_from_slice(&zeros);
+    }
+    let path = format!("/v1/blobs/{}", s.upload(&w, &data));
+    let r = s.get(&path);
+    assert_eq!(r.status, 200);
+    assert!(r.body == data, "the download's bytes differ");
+    assert_eq!(
+        chunk_counters(&addr),
+        (3.0, 7.0),
+        "3 distinct chunks read, 7 repeats"
+    );
+    // Nothing stays kept: the next download reads the same three again.
+    let r = s.get_with(&path, &[("Range", "bytes=0-")]);
+    assert!(r.body == data, "the second download's bytes differ");
+    assert_eq!(chunk_counters(&addr), (6.0, 14.0));
+}

@@ -206,6 +206,16 @@ impl crate::hop::BlobBody for BlobReader {
     }
 }
 
+/// For each entry of a chunk list, whether the same chunk comes again later in the list.
+fn needed_again(list: &[ChunkRef]) -> Vec<bool> {
+    let mut seen = std::collections::HashSet::with_capacity(list.len());
+    let mut again = vec![false; list.len()];
+    for (i, c) in list.iter().enumerate().rev() {
+        again[i] = !seen.insert(c.hash);
+    }
+    again
+}
+
 /// Classifies a read failure (so an I/O error asks for a reopen) and keeps its message.
 fn read_error(e: redb::StorageError) -> io::Error {
     io::Error::other(Error::from(e).detail)
@@ -230,6 +240,7 @@ impl BlobReader {
     pub fn write_range(&self, out: &mut dyn Write, start: u64, end: u64) -> io::Result<()> {
         // Taken at the first chunk of the range, so other downloads see where this one starts.
         let mut seat = None;
+        let again = self.shared.as_ref().map(|_| needed_again(&self.list));
         let mut offset = 0u64;
         for (index, c) in self.list.iter().enumerate() {
             let c_start = offset;
@@ -244,7 +255,8 @@ impl BlobReader {
             let chunk = match &self.shared {
                 Some(shared) => {
                     let seat = seat.get_or_insert_with(|| shared.seat(&self.digest, index));
-                    shared.get_or_read(seat, index, &c.hash, || self.verified_chunk(c))?
+                    let again = again.as_ref().is_some_and(|a| a[index]);
+                    shared.get_or_read(seat, index, &c.hash, again, || self.verified_chunk(c))?
                 }
                 None => self.verified_chunk(c)?,
             };

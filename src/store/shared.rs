@@ -8,10 +8,12 @@
 //! and send it from the same memory. A download that asks for a chunk another one is reading
 //! waits for that read instead of starting its own.
 //!
-//! A chunk is kept only while another download of the same blob has yet to reach it, and
-//! released when the last of them takes it: a lone download keeps nothing and reuses one
-//! buffer that stays in the CPU's cache (keeping 64 chunks it never asked for again cost it
-//! 15-20 % more CPU per GiB), and nothing is held once the downloads are over. [`LIMIT`] bounds
+//! A chunk is kept only while another download of the same blob has yet to reach it (or the
+//! same download needs it again further on, as with the zeros of a raw disk image), and
+//! released when the last of them takes it: a lone download of a blob without repeats keeps
+//! nothing and reuses one buffer that stays in the CPU's cache (keeping 64 chunks it never
+//! asked for again cost it 15-20 % more CPU per GiB), and nothing is held once the downloads
+//! are over. [`LIMIT`] bounds
 //! what downloads far apart can hold; beyond it the oldest chunks go, and a download that
 //! needed one reads it again.
 //!
@@ -173,14 +175,17 @@ impl SharedChunks {
     }
 
     /// Chunk `index` of the seat's blob, whose key is `key`: kept by another download, or else
-    /// from `read`, which must return it checked. While one download reads a chunk, others
-    /// asking for it wait for that read. A failed read is not remembered: the next download
-    /// reads again and reports its own failure.
+    /// from `read`, which must return it checked. `again` says that this download needs the
+    /// same chunk later on (a blob repeating a chunk, such as the zeros of a raw disk image):
+    /// then it is kept for it too. While one download reads a chunk, others asking for it wait
+    /// for that read. A failed read is not remembered: the next download reads again and
+    /// reports its own failure.
     pub fn get_or_read<E>(
         &self,
         seat: &Seat<'_>,
         index: usize,
         key: &[u8; 32],
+        again: bool,
         read: impl FnOnce() -> Result<Chunk, E>,
     ) -> Result<Chunk, E> {
         if self.limit == 0 {
@@ -195,7 +200,7 @@ impl SharedChunks {
             seat.at.store(index + 1, Ordering::Relaxed);
             CHUNKS_SHARED.fetch_add(1, Ordering::Relaxed);
             let mut inner = lock(&self.inner);
-            if !inner.someone_behind(&seat.blob, &seat.at, index) {
+            if !again && !inner.someone_behind(&seat.blob, &seat.at, index) {
                 inner.release(key, &slot);
             }
             return Ok(chunk);
@@ -209,7 +214,7 @@ impl SharedChunks {
         drop(held);
         let mut inner = lock(&self.inner);
         match &result {
-            Ok(chunk) if inner.someone_behind(&seat.blob, &seat.at, index) => {
+            Ok(chunk) if again || inner.someone_behind(&seat.blob, &seat.at, index) => {
                 let kept = Kept {
                     key: *key,
                     blob: seat.blob,
@@ -272,7 +277,7 @@ mod tests {
         reads: &AtomicUsize,
     ) -> Chunk {
         shared
-            .get_or_read(seat, index, &[k; 32], || {
+            .get_or_read(seat, index, &[k; 32], false, || {
                 reads.fetch_add(1, Ordering::SeqCst);
                 read(k)
             })
@@ -294,6 +299,27 @@ mod tests {
         get(&shared, &seat, 2, 1, &read, &reads);
         assert_eq!(reads.load(Ordering::SeqCst), 3);
         assert_eq!(shared.held(), 0);
+    }
+
+    #[test]
+    fn a_chunk_a_lone_download_needs_again_is_kept_for_it() {
+        let (_dir, db) = db(&[0, 1], 10_000);
+        let read = reader(&db);
+        let shared = SharedChunks::new(1 << 20);
+        let reads = AtomicUsize::new(0);
+        let seat = shared.seat(&BLOB, 0);
+        // The chunk list 0, 1, 0, 0: chunk 0 is needed again after indexes 0 and 2.
+        for (index, k, again) in [(0, 0, true), (1, 1, false), (2, 0, true), (3, 0, false)] {
+            let c = shared
+                .get_or_read(&seat, index, &[k; 32], again, || {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    read(k)
+                })
+                .unwrap();
+            assert_eq!(c.value()[0], k);
+        }
+        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        assert_eq!(shared.held(), 0, "its last use released it");
     }
 
     #[test]
@@ -348,7 +374,7 @@ mod tests {
                 s.spawn(|| {
                     let seat = shared.seat(&BLOB, 0);
                     let c = shared
-                        .get_or_read(&seat, 0, &[7; 32], || {
+                        .get_or_read(&seat, 0, &[7; 32], false, || {
                             reads.fetch_add(1, Ordering::SeqCst);
                             // Slow enough that every other thread arrives during the read.
                             std::thread::sleep(Duration::from_millis(200));
@@ -369,7 +395,7 @@ mod tests {
         let shared = SharedChunks::new(1 << 20);
         let (lead, _follow) = (shared.seat(&BLOB, 0), shared.seat(&BLOB, 0));
         let failed: Result<Chunk, String> =
-            shared.get_or_read(&lead, 0, &[2; 32], || Err("damaged".to_string()));
+            shared.get_or_read(&lead, 0, &[2; 32], false, || Err("damaged".to_string()));
         assert_eq!(failed.err().as_deref(), Some("damaged"));
         assert_eq!(shared.held(), 0);
         let reads = AtomicUsize::new(0);

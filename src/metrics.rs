@@ -227,6 +227,10 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
     let gauge = |w: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     };
+    let counter = |w: &mut String, name: &str, help: &str, v: &std::sync::atomic::AtomicU64| {
+        let v = v.load(Ordering::Relaxed);
+        let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
+    };
     gauge(
         w,
         "imgsrv_connections_active",
@@ -248,28 +252,29 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
         "# HELP imgsrv_accept_errors_total Failed accept() calls (retried).\n# TYPE imgsrv_accept_errors_total counter\nimgsrv_accept_errors_total {}",
         door.accept_errors.load(Ordering::Relaxed)
     );
-    let _ = writeln!(
+    counter(
         w,
-        "# HELP imgsrv_chunk_verification_failures_total Stored chunks that failed their check while being served.\n# TYPE imgsrv_chunk_verification_failures_total counter\nimgsrv_chunk_verification_failures_total {}",
-        VERIFY_FAILURES.load(Ordering::Relaxed)
+        "imgsrv_chunk_verification_failures_total",
+        "Stored chunks that failed their check while being served.",
+        &VERIFY_FAILURES,
     );
-    {
-        use crate::store::shared::{CHUNKS_READ, CHUNKS_SHARED};
-        let _ = writeln!(
-            w,
-            "# HELP imgsrv_download_chunks_read_total Chunks that downloads read from the database and checked.\n# TYPE imgsrv_download_chunks_read_total counter\nimgsrv_download_chunks_read_total {}",
-            CHUNKS_READ.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            w,
-            "# HELP imgsrv_download_chunks_shared_total Chunks that downloads took from another download's read instead of reading them again.\n# TYPE imgsrv_download_chunks_shared_total counter\nimgsrv_download_chunks_shared_total {}",
-            CHUNKS_SHARED.load(Ordering::Relaxed)
-        );
-    }
-    let _ = writeln!(
+    counter(
         w,
-        "# HELP imgsrv_upload_complete_rehashed_bytes_total Bytes that completing an upload read back and hashed because their part did not continue the blob's sha256 (parts sent out of order or replaced).\n# TYPE imgsrv_upload_complete_rehashed_bytes_total counter\nimgsrv_upload_complete_rehashed_bytes_total {}",
-        crate::store::uploads::COMPLETE_REHASHED_BYTES.load(Ordering::Relaxed)
+        "imgsrv_download_chunks_read_total",
+        "Chunks that downloads read from the database and checked.",
+        &crate::store::shared::CHUNKS_READ,
+    );
+    counter(
+        w,
+        "imgsrv_download_chunks_shared_total",
+        "Chunks that downloads took from another download's read instead of reading them again.",
+        &crate::store::shared::CHUNKS_SHARED,
+    );
+    counter(
+        w,
+        "imgsrv_upload_complete_rehashed_bytes_total",
+        "Bytes that completing an upload read back and hashed because their part did not continue the blob's sha256 (parts sent out of order or replaced).",
+        &crate::store::uploads::COMPLETE_REHASHED_BYTES,
     );
     {
         use crate::store::handle::{DAMAGE_ERRORS, IO_ERRORS, NO_SPACE_ERRORS, RECOVERIES};

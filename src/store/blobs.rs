@@ -240,7 +240,6 @@ impl BlobReader {
     pub fn write_range(&self, out: &mut dyn Write, start: u64, end: u64) -> io::Result<()> {
         // Taken at the first chunk of the range, so other downloads see where this one starts.
         let mut seat = None;
-        let again = self.shared.as_ref().map(|_| needed_again(&self.list));
         let mut offset = 0u64;
         for (index, c) in self.list.iter().enumerate() {
             let c_start = offset;
@@ -254,9 +253,10 @@ impl BlobReader {
             }
             let chunk = match &self.shared {
                 Some(shared) => {
-                    let seat = seat.get_or_insert_with(|| shared.seat(&self.digest, index));
-                    let again = again.as_ref().is_some_and(|a| a[index]);
-                    shared.get_or_read(seat, index, &c.hash, again, || self.verified_chunk(c))?
+                    let seat = seat.get_or_insert_with(|| {
+                        shared.seat(&self.digest, index, || needed_again(&self.list))
+                    });
+                    shared.get_or_read(seat, index, &c.hash, || self.verified_chunk(c))?
                 }
                 None => self.verified_chunk(c)?,
             };

@@ -58,8 +58,20 @@ struct Inner {
     /// The kept chunks, oldest first.
     kept: VecDeque<Kept>,
     bytes: usize,
-    /// The downloads running, by blob: the chunk index each has reached.
-    readers: HashMap<[u8; 32], Vec<Arc<AtomicUsize>>>,
+    /// The downloads running, by blob.
+    readers: HashMap<[u8; 32], Readers>,
+}
+
+/// The downloads of one blob.
+struct Readers {
+    /// The chunk index each has reached.
+    at: Vec<Arc<AtomicUsize>>,
+    /// For each entry of the blob's chunk list, whether the same chunk comes again later:
+    /// worked out once for all of them (with 1,000 downloads of one blob, each working it out
+    /// for itself left about 80 MiB more in the threads' allocator heaps). A blob deleted and
+    /// uploaded again with other parts while an old download runs gets the old answer, which
+    /// only decides what is kept, never which bytes are sent.
+    again: Arc<Vec<bool>>,
 }
 
 struct Kept {
@@ -72,8 +84,8 @@ struct Kept {
 impl Inner {
     /// Whether a download of `blob` other than `me` has yet to take chunk `index`.
     fn someone_behind(&self, blob: &[u8; 32], me: &Arc<AtomicUsize>, index: usize) -> bool {
-        self.readers.get(blob).is_some_and(|list| {
-            list.iter()
+        self.readers.get(blob).is_some_and(|r| {
+            r.at.iter()
                 .any(|p| !Arc::ptr_eq(p, me) && p.load(Ordering::Relaxed) <= index)
         })
     }
@@ -122,16 +134,17 @@ pub struct Seat<'a> {
     blob: [u8; 32],
     /// The index of the first chunk it has yet to take.
     at: Arc<AtomicUsize>,
+    again: Arc<Vec<bool>>,
 }
 
 impl Drop for Seat<'_> {
     fn drop(&mut self) {
         let mut inner = lock(&self.shared.inner);
-        let Some(list) = inner.readers.get_mut(&self.blob) else {
+        let Some(readers) = inner.readers.get_mut(&self.blob) else {
             return;
         };
-        list.retain(|p| !Arc::ptr_eq(p, &self.at));
-        if list.is_empty() {
+        readers.at.retain(|p| !Arc::ptr_eq(p, &self.at));
+        if readers.at.is_empty() {
             // The last download of the blob is over: what was kept for it goes.
             inner.readers.remove(&self.blob);
             let (gone, stay) = std::mem::take(&mut inner.kept)
@@ -159,38 +172,43 @@ impl SharedChunks {
         }
     }
 
-    /// Registers a download of `blob` starting at chunk `at`.
-    pub fn seat(&self, blob: &[u8; 32], at: usize) -> Seat<'_> {
+    /// Registers a download of `blob` starting at chunk `at`. `again` works out, for each entry
+    /// of the blob's chunk list, whether its chunk comes again later; it runs only when no other
+    /// download of the blob is registered.
+    pub fn seat(&self, blob: &[u8; 32], at: usize, again: impl FnOnce() -> Vec<bool>) -> Seat<'_> {
         let at = Arc::new(AtomicUsize::new(at));
-        lock(&self.inner)
-            .readers
-            .entry(*blob)
-            .or_default()
-            .push(at.clone());
+        let known = lock(&self.inner).readers.get(blob).map(|r| r.again.clone());
+        let again = known.unwrap_or_else(|| Arc::new(again()));
+        let mut inner = lock(&self.inner);
+        let readers = inner.readers.entry(*blob).or_insert_with(|| Readers {
+            at: Vec::new(),
+            again,
+        });
+        readers.at.push(at.clone());
         Seat {
             shared: self,
             blob: *blob,
             at,
+            again: readers.again.clone(),
         }
     }
 
     /// Chunk `index` of the seat's blob, whose key is `key`: kept by another download, or else
-    /// from `read`, which must return it checked. `again` says that this download needs the
-    /// same chunk later on (a blob repeating a chunk, such as the zeros of a raw disk image):
-    /// then it is kept for it too. While one download reads a chunk, others asking for it wait
-    /// for that read. A failed read is not remembered: the next download reads again and
-    /// reports its own failure.
+    /// from `read`, which must return it checked. A chunk the blob repeats later (such as the
+    /// zeros of a raw disk image) is kept for this download too. While one download reads a
+    /// chunk, others asking for it wait for that read. A failed read is not remembered: the
+    /// next download reads again and reports its own failure.
     pub fn get_or_read<E>(
         &self,
         seat: &Seat<'_>,
         index: usize,
         key: &[u8; 32],
-        again: bool,
         read: impl FnOnce() -> Result<Chunk, E>,
     ) -> Result<Chunk, E> {
         if self.limit == 0 {
             return read();
         }
+        let again = seat.again.get(index).copied().unwrap_or(false);
         seat.at.store(index, Ordering::Relaxed);
         let slot = lock(&self.inner).slots.entry(*key).or_default().clone();
         let mut held = lock(&slot);
@@ -277,7 +295,7 @@ mod tests {
         reads: &AtomicUsize,
     ) -> Chunk {
         shared
-            .get_or_read(seat, index, &[k; 32], false, || {
+            .get_or_read(seat, index, &[k; 32], || {
                 reads.fetch_add(1, Ordering::SeqCst);
                 read(k)
             })
@@ -290,7 +308,7 @@ mod tests {
         let read = reader(&db);
         let shared = SharedChunks::new(1 << 20);
         let reads = AtomicUsize::new(0);
-        let seat = shared.seat(&BLOB, 0);
+        let seat = shared.seat(&BLOB, 0, Vec::new);
         assert_eq!(
             get(&shared, &seat, 0, 1, &read, &reads).value(),
             &[1u8; 10_000][..]
@@ -307,11 +325,11 @@ mod tests {
         let read = reader(&db);
         let shared = SharedChunks::new(1 << 20);
         let reads = AtomicUsize::new(0);
-        let seat = shared.seat(&BLOB, 0);
         // The chunk list 0, 1, 0, 0: chunk 0 is needed again after indexes 0 and 2.
-        for (index, k, again) in [(0, 0, true), (1, 1, false), (2, 0, true), (3, 0, false)] {
+        let seat = shared.seat(&BLOB, 0, || vec![true, false, true, false]);
+        for (index, k) in [(0, 0), (1, 1), (2, 0), (3, 0)] {
             let c = shared
-                .get_or_read(&seat, index, &[k; 32], again, || {
+                .get_or_read(&seat, index, &[k; 32], || {
                     reads.fetch_add(1, Ordering::SeqCst);
                     read(k)
                 })
@@ -328,7 +346,10 @@ mod tests {
         let read = reader(&db);
         let shared = SharedChunks::new(1 << 20);
         let reads = AtomicUsize::new(0);
-        let (lead, follow) = (shared.seat(&BLOB, 0), shared.seat(&BLOB, 0));
+        let (lead, follow) = (
+            shared.seat(&BLOB, 0, Vec::new),
+            shared.seat(&BLOB, 0, Vec::new),
+        );
         get(&shared, &lead, 0, 1, &read, &reads);
         get(&shared, &lead, 1, 2, &read, &reads);
         assert_eq!(shared.held(), 20_000);
@@ -349,8 +370,11 @@ mod tests {
         let read = reader(&db);
         let shared = SharedChunks::new(1 << 20);
         let reads = AtomicUsize::new(0);
-        let other = shared.seat(&[8; 32], 0);
-        let (lead, follow) = (shared.seat(&BLOB, 0), shared.seat(&BLOB, 0));
+        let other = shared.seat(&[8; 32], 0, Vec::new);
+        let (lead, follow) = (
+            shared.seat(&BLOB, 0, Vec::new),
+            shared.seat(&BLOB, 0, Vec::new),
+        );
         get(&shared, &lead, 0, 1, &read, &reads);
         assert_eq!(shared.held(), 10_000);
         // A download of another blob is not behind this one's: what it reads is not kept.
@@ -372,9 +396,9 @@ mod tests {
         std::thread::scope(|s| {
             for _ in 0..8 {
                 s.spawn(|| {
-                    let seat = shared.seat(&BLOB, 0);
+                    let seat = shared.seat(&BLOB, 0, Vec::new);
                     let c = shared
-                        .get_or_read(&seat, 0, &[7; 32], false, || {
+                        .get_or_read(&seat, 0, &[7; 32], || {
                             reads.fetch_add(1, Ordering::SeqCst);
                             // Slow enough that every other thread arrives during the read.
                             std::thread::sleep(Duration::from_millis(200));
@@ -393,9 +417,12 @@ mod tests {
         let (_dir, db) = db(&[2], 100);
         let read = reader(&db);
         let shared = SharedChunks::new(1 << 20);
-        let (lead, _follow) = (shared.seat(&BLOB, 0), shared.seat(&BLOB, 0));
+        let (lead, _follow) = (
+            shared.seat(&BLOB, 0, Vec::new),
+            shared.seat(&BLOB, 0, Vec::new),
+        );
         let failed: Result<Chunk, String> =
-            shared.get_or_read(&lead, 0, &[2; 32], false, || Err("damaged".to_string()));
+            shared.get_or_read(&lead, 0, &[2; 32], || Err("damaged".to_string()));
         assert_eq!(failed.err().as_deref(), Some("damaged"));
         assert_eq!(shared.held(), 0);
         let reads = AtomicUsize::new(0);
@@ -412,7 +439,10 @@ mod tests {
         let read = reader(&db);
         let shared = SharedChunks::new(25_000);
         let reads = AtomicUsize::new(0);
-        let (lead, follow) = (shared.seat(&BLOB, 0), shared.seat(&BLOB, 0));
+        let (lead, follow) = (
+            shared.seat(&BLOB, 0, Vec::new),
+            shared.seat(&BLOB, 0, Vec::new),
+        );
         for k in 1..=3 {
             get(&shared, &lead, k as usize - 1, k, &read, &reads);
         }
@@ -434,7 +464,10 @@ mod tests {
         let read = reader(&db);
         let shared = SharedChunks::new(0);
         let reads = AtomicUsize::new(0);
-        let (lead, follow) = (shared.seat(&BLOB, 0), shared.seat(&BLOB, 0));
+        let (lead, follow) = (
+            shared.seat(&BLOB, 0, Vec::new),
+            shared.seat(&BLOB, 0, Vec::new),
+        );
         get(&shared, &lead, 0, 4, &read, &reads);
         get(&shared, &follow, 0, 4, &read, &reads);
         assert_eq!(reads.load(Ordering::SeqCst), 2);
@@ -444,7 +477,10 @@ mod tests {
     #[test]
     fn a_finished_download_leaves_no_seat() {
         let shared = SharedChunks::new(1 << 20);
-        drop((shared.seat(&BLOB, 0), shared.seat(&BLOB, 3)));
+        drop((
+            shared.seat(&BLOB, 0, Vec::new),
+            shared.seat(&BLOB, 3, Vec::new),
+        ));
         assert!(lock(&shared.inner).readers.is_empty());
     }
 }

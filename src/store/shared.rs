@@ -11,9 +11,9 @@
 //! A chunk is kept only while another download of the same blob has yet to reach it (or the
 //! same download needs it again further on, as with the zeros of a raw disk image), and
 //! released when the last of them takes it: a lone download of a blob without repeats keeps
-//! nothing and reuses one buffer that stays in the CPU's cache (keeping 64 chunks it never
-//! asked for again cost it 15-20 % more CPU per GiB), and nothing is held once the downloads
-//! are over. [`LIMIT`] bounds
+//! nothing and reuses one buffer that stays in the CPU's cache (keeping the last 64 chunks it
+//! read, never to ask for them again, took it from 0.51-0.54 to 0.67 CPU s/GiB), and nothing
+//! is held once the downloads are over. [`LIMIT`] bounds
 //! what downloads far apart can hold; beyond it the oldest chunks go, and a download that
 //! needed one reads it again.
 //!

@@ -227,8 +227,7 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
     let gauge = |w: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     };
-    let counter = |w: &mut String, name: &str, help: &str, v: &std::sync::atomic::AtomicU64| {
-        let v = v.load(Ordering::Relaxed);
+    let counter = |w: &mut String, name: &str, help: &str, v: u64| {
         let _ = writeln!(w, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
     };
     gauge(
@@ -237,44 +236,47 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
         "Client connections being served by the front door.",
         door.active.load(Ordering::Relaxed) as u64,
     );
-    let _ = writeln!(
+    counter(
         w,
-        "# HELP imgsrv_connections_accepted_total Client connections accepted.\n# TYPE imgsrv_connections_accepted_total counter\nimgsrv_connections_accepted_total {}",
-        door.accepted.load(Ordering::Relaxed)
+        "imgsrv_connections_accepted_total",
+        "Client connections accepted.",
+        door.accepted.load(Ordering::Relaxed) as u64,
     );
-    let _ = writeln!(
+    counter(
         w,
-        "# HELP imgsrv_connections_rejected_total Connections answered 503 at the connection limit.\n# TYPE imgsrv_connections_rejected_total counter\nimgsrv_connections_rejected_total {}",
-        door.rejected_busy.load(Ordering::Relaxed)
+        "imgsrv_connections_rejected_total",
+        "Connections answered 503 at the connection limit.",
+        door.rejected_busy.load(Ordering::Relaxed) as u64,
     );
-    let _ = writeln!(
+    counter(
         w,
-        "# HELP imgsrv_accept_errors_total Failed accept() calls (retried).\n# TYPE imgsrv_accept_errors_total counter\nimgsrv_accept_errors_total {}",
-        door.accept_errors.load(Ordering::Relaxed)
+        "imgsrv_accept_errors_total",
+        "Failed accept() calls (retried).",
+        door.accept_errors.load(Ordering::Relaxed) as u64,
     );
     counter(
         w,
         "imgsrv_chunk_verification_failures_total",
         "Stored chunks that failed their check while being served.",
-        &VERIFY_FAILURES,
+        VERIFY_FAILURES.load(Ordering::Relaxed),
     );
     counter(
         w,
         "imgsrv_download_chunks_read_total",
         "Chunks that downloads read from the database and checked.",
-        &crate::store::shared::CHUNKS_READ,
+        crate::store::shared::CHUNKS_READ.load(Ordering::Relaxed),
     );
     counter(
         w,
         "imgsrv_download_chunks_shared_total",
         "Chunks that downloads took from another download's read instead of reading them again.",
-        &crate::store::shared::CHUNKS_SHARED,
+        crate::store::shared::CHUNKS_SHARED.load(Ordering::Relaxed),
     );
     counter(
         w,
         "imgsrv_upload_complete_rehashed_bytes_total",
         "Bytes that completing an upload read back and hashed because their part did not continue the blob's sha256 (parts sent out of order or replaced).",
-        &crate::store::uploads::COMPLETE_REHASHED_BYTES,
+        crate::store::uploads::COMPLETE_REHASHED_BYTES.load(Ordering::Relaxed),
     );
     {
         use crate::store::handle::{DAMAGE_ERRORS, IO_ERRORS, NO_SPACE_ERRORS, RECOVERIES};
@@ -293,10 +295,11 @@ pub fn render(store: &Store, door: &DoorStats) -> String {
                 n.load(Ordering::Relaxed)
             );
         }
-        let _ = writeln!(
+        counter(
             w,
-            "# HELP imgsrv_storage_recoveries_total Times the database was reopened after an I/O error or to leave read-only mode.\n# TYPE imgsrv_storage_recoveries_total counter\nimgsrv_storage_recoveries_total {}",
-            RECOVERIES.load(Ordering::Relaxed)
+            "imgsrv_storage_recoveries_total",
+            "Times the database was reopened after an I/O error or to leave read-only mode.",
+            RECOVERIES.load(Ordering::Relaxed),
         );
     }
     gauge(

@@ -257,128 +257,122 @@ impl SharedChunks {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use redb::{Database, ReadableDatabase, TableDefinition};
+    use redb::{Database, ReadOnlyTable, ReadableDatabase, TableDefinition};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     const T: TableDefinition<u8, &[u8]> = TableDefinition::new("t");
-
-    /// A database holding value `[k; len]` under each key `k` in `keys`.
-    fn db(keys: &[u8], len: usize) -> (tempfile::TempDir, Database) {
-        let dir = tempfile::tempdir().unwrap();
-        let db = Database::create(dir.path().join("db")).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let mut t = txn.open_table(T).unwrap();
-            for &k in keys {
-                t.insert(k, vec![k; len].as_slice()).unwrap();
-            }
-        }
-        txn.commit().unwrap();
-        (dir, db)
-    }
-
-    fn reader(db: &Database) -> impl Fn(u8) -> Result<Chunk, String> + Sync {
-        let table = db.begin_read().unwrap().open_table(T).unwrap();
-        move |k| Ok(Arc::new(table.get(k).unwrap().unwrap()))
-    }
-
     const BLOB: [u8; 32] = [9; 32];
 
-    /// `get_or_read` of chunk `k` (key `[k; 32]`) at position `index` for `seat`, counting reads.
-    fn get(
-        shared: &SharedChunks,
-        seat: &Seat<'_>,
-        index: usize,
-        k: u8,
-        read: &(impl Fn(u8) -> Result<Chunk, String> + Sync),
-        reads: &AtomicUsize,
-    ) -> Chunk {
-        shared
-            .get_or_read(seat, index, &[k; 32], || {
-                reads.fetch_add(1, Ordering::SeqCst);
-                read(k)
-            })
-            .unwrap()
+    /// A database holding chunk `[k; len]` under each key `k`, read through a counter. Chunk `k`
+    /// goes by the cache key `[k; 32]`. Fields drop in order: the table before its database.
+    struct Chunks {
+        table: ReadOnlyTable<u8, &'static [u8]>,
+        _db: Database,
+        _dir: tempfile::TempDir,
+        reads: AtomicUsize,
+    }
+
+    impl Chunks {
+        fn new(keys: &[u8], len: usize) -> Chunks {
+            let dir = tempfile::tempdir().unwrap();
+            let db = Database::create(dir.path().join("db")).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(T).unwrap();
+                for &k in keys {
+                    t.insert(k, vec![k; len].as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+            Chunks {
+                table: db.begin_read().unwrap().open_table(T).unwrap(),
+                _db: db,
+                _dir: dir,
+                reads: AtomicUsize::new(0),
+            }
+        }
+
+        /// Reads chunk `k` from the database, counting the read.
+        fn read(&self, k: u8) -> Result<Chunk, String> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            Ok(Arc::new(self.table.get(k).unwrap().unwrap()))
+        }
+
+        /// `get_or_read` of chunk `k` at position `index` for `seat`.
+        fn get(&self, shared: &SharedChunks, seat: &Seat<'_>, index: usize, k: u8) -> Chunk {
+            shared
+                .get_or_read(seat, index, &[k; 32], || self.read(k))
+                .unwrap()
+        }
+
+        fn reads(&self) -> usize {
+            self.reads.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Two downloads of `BLOB`, both at its start.
+    fn two_seats(shared: &SharedChunks) -> (Seat<'_>, Seat<'_>) {
+        (
+            shared.seat(&BLOB, 0, Vec::new),
+            shared.seat(&BLOB, 0, Vec::new),
+        )
     }
 
     #[test]
     fn a_lone_download_keeps_nothing() {
-        let (_dir, db) = db(&[1, 2], 10_000);
-        let read = reader(&db);
+        let c = Chunks::new(&[1, 2], 10_000);
         let shared = SharedChunks::new(1 << 20);
-        let reads = AtomicUsize::new(0);
         let seat = shared.seat(&BLOB, 0, Vec::new);
-        assert_eq!(
-            get(&shared, &seat, 0, 1, &read, &reads).value(),
-            &[1u8; 10_000][..]
-        );
-        get(&shared, &seat, 1, 2, &read, &reads);
-        get(&shared, &seat, 2, 1, &read, &reads);
-        assert_eq!(reads.load(Ordering::SeqCst), 3);
+        assert_eq!(c.get(&shared, &seat, 0, 1).value(), &[1u8; 10_000][..]);
+        c.get(&shared, &seat, 1, 2);
+        c.get(&shared, &seat, 2, 1);
+        assert_eq!(c.reads(), 3);
         assert_eq!(shared.held(), 0);
     }
 
     #[test]
     fn a_chunk_a_lone_download_needs_again_is_kept_for_it() {
-        let (_dir, db) = db(&[0, 1], 10_000);
-        let read = reader(&db);
+        let c = Chunks::new(&[0, 1], 10_000);
         let shared = SharedChunks::new(1 << 20);
-        let reads = AtomicUsize::new(0);
         // The chunk list 0, 1, 0, 0: chunk 0 is needed again after indexes 0 and 2.
         let seat = shared.seat(&BLOB, 0, || vec![true, false, true, false]);
         for (index, k) in [(0, 0), (1, 1), (2, 0), (3, 0)] {
-            let c = shared
-                .get_or_read(&seat, index, &[k; 32], || {
-                    reads.fetch_add(1, Ordering::SeqCst);
-                    read(k)
-                })
-                .unwrap();
-            assert_eq!(c.value()[0], k);
+            assert_eq!(c.get(&shared, &seat, index, k).value()[0], k);
         }
-        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        assert_eq!(c.reads(), 2);
         assert_eq!(shared.held(), 0, "its last use released it");
     }
 
     #[test]
     fn a_chunk_is_kept_until_the_last_download_behind_takes_it() {
-        let (_dir, db) = db(&[1, 2], 10_000);
-        let read = reader(&db);
+        let c = Chunks::new(&[1, 2], 10_000);
         let shared = SharedChunks::new(1 << 20);
-        let reads = AtomicUsize::new(0);
-        let (lead, follow) = (
-            shared.seat(&BLOB, 0, Vec::new),
-            shared.seat(&BLOB, 0, Vec::new),
-        );
-        get(&shared, &lead, 0, 1, &read, &reads);
-        get(&shared, &lead, 1, 2, &read, &reads);
+        let (lead, follow) = two_seats(&shared);
+        c.get(&shared, &lead, 0, 1);
+        c.get(&shared, &lead, 1, 2);
         assert_eq!(shared.held(), 20_000);
-        assert_eq!(get(&shared, &follow, 0, 1, &read, &reads).value()[0], 1);
+        assert_eq!(c.get(&shared, &follow, 0, 1).value()[0], 1);
         assert_eq!(
             shared.held(),
             10_000,
             "chunk 1 went with the last download needing it"
         );
-        assert_eq!(get(&shared, &follow, 1, 2, &read, &reads).value()[0], 2);
+        assert_eq!(c.get(&shared, &follow, 1, 2).value()[0], 2);
         assert_eq!(shared.held(), 0);
-        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        assert_eq!(c.reads(), 2);
     }
 
     #[test]
     fn what_was_kept_for_a_blob_goes_with_its_last_download() {
-        let (_dir, db) = db(&[1, 2], 10_000);
-        let read = reader(&db);
+        let c = Chunks::new(&[1, 2], 10_000);
         let shared = SharedChunks::new(1 << 20);
-        let reads = AtomicUsize::new(0);
         let other = shared.seat(&[8; 32], 0, Vec::new);
-        let (lead, follow) = (
-            shared.seat(&BLOB, 0, Vec::new),
-            shared.seat(&BLOB, 0, Vec::new),
-        );
-        get(&shared, &lead, 0, 1, &read, &reads);
+        let (lead, follow) = two_seats(&shared);
+        c.get(&shared, &lead, 0, 1);
         assert_eq!(shared.held(), 10_000);
         // A download of another blob is not behind this one's: what it reads is not kept.
-        get(&shared, &other, 0, 2, &read, &reads);
+        c.get(&shared, &other, 0, 2);
         assert_eq!(shared.held(), 10_000);
         drop(lead);
         assert_eq!(shared.held(), 10_000, "follow has yet to take chunk 1");
@@ -389,88 +383,67 @@ mod tests {
 
     #[test]
     fn downloads_asking_together_wait_for_one_read() {
-        let (_dir, db) = db(&[7], 10_000);
-        let read = reader(&db);
+        let c = Chunks::new(&[7], 10_000);
         let shared = SharedChunks::new(1 << 20);
-        let reads = AtomicUsize::new(0);
         std::thread::scope(|s| {
             for _ in 0..8 {
                 s.spawn(|| {
                     let seat = shared.seat(&BLOB, 0, Vec::new);
-                    let c = shared
+                    let chunk = shared
                         .get_or_read(&seat, 0, &[7; 32], || {
-                            reads.fetch_add(1, Ordering::SeqCst);
                             // Slow enough that every other thread arrives during the read.
                             std::thread::sleep(Duration::from_millis(200));
-                            read(7)
+                            c.read(7)
                         })
                         .unwrap();
-                    assert_eq!(c.value()[0], 7);
+                    assert_eq!(chunk.value()[0], 7);
                 });
             }
         });
-        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert_eq!(c.reads(), 1);
     }
 
     #[test]
     fn a_failed_read_is_not_remembered() {
-        let (_dir, db) = db(&[2], 100);
-        let read = reader(&db);
+        let c = Chunks::new(&[2], 100);
         let shared = SharedChunks::new(1 << 20);
-        let (lead, _follow) = (
-            shared.seat(&BLOB, 0, Vec::new),
-            shared.seat(&BLOB, 0, Vec::new),
-        );
+        let (lead, _follow) = two_seats(&shared);
         let failed: Result<Chunk, String> =
             shared.get_or_read(&lead, 0, &[2; 32], || Err("damaged".to_string()));
         assert_eq!(failed.err().as_deref(), Some("damaged"));
         assert_eq!(shared.held(), 0);
-        let reads = AtomicUsize::new(0);
-        assert_eq!(
-            get(&shared, &lead, 0, 2, &read, &reads).value(),
-            &[2u8; 100][..]
-        );
-        assert_eq!(reads.load(Ordering::SeqCst), 1);
+        assert_eq!(c.get(&shared, &lead, 0, 2).value(), &[2u8; 100][..]);
+        assert_eq!(c.reads(), 1);
     }
 
     #[test]
     fn the_oldest_chunks_go_beyond_the_limit() {
-        let (_dir, db) = db(&[1, 2, 3], 10_000);
-        let read = reader(&db);
+        let c = Chunks::new(&[1, 2, 3], 10_000);
         let shared = SharedChunks::new(25_000);
-        let reads = AtomicUsize::new(0);
-        let (lead, follow) = (
-            shared.seat(&BLOB, 0, Vec::new),
-            shared.seat(&BLOB, 0, Vec::new),
-        );
+        let (lead, follow) = two_seats(&shared);
         for k in 1..=3 {
-            get(&shared, &lead, k as usize - 1, k, &read, &reads);
+            c.get(&shared, &lead, k as usize - 1, k);
         }
         assert_eq!(
             shared.held(),
             20_000,
             "chunk 1 was dropped to stay under 25,000 bytes"
         );
-        assert_eq!(get(&shared, &follow, 0, 1, &read, &reads).value()[0], 1);
-        assert_eq!(reads.load(Ordering::SeqCst), 4, "1 had to be read again");
-        get(&shared, &follow, 1, 2, &read, &reads);
-        get(&shared, &follow, 2, 3, &read, &reads);
-        assert_eq!(reads.load(Ordering::SeqCst), 4, "2 and 3 were still held");
+        assert_eq!(c.get(&shared, &follow, 0, 1).value()[0], 1);
+        assert_eq!(c.reads(), 4, "1 had to be read again");
+        c.get(&shared, &follow, 1, 2);
+        c.get(&shared, &follow, 2, 3);
+        assert_eq!(c.reads(), 4, "2 and 3 were still held");
     }
 
     #[test]
     fn a_zero_limit_reads_every_time() {
-        let (_dir, db) = db(&[4], 100);
-        let read = reader(&db);
+        let c = Chunks::new(&[4], 100);
         let shared = SharedChunks::new(0);
-        let reads = AtomicUsize::new(0);
-        let (lead, follow) = (
-            shared.seat(&BLOB, 0, Vec::new),
-            shared.seat(&BLOB, 0, Vec::new),
-        );
-        get(&shared, &lead, 0, 4, &read, &reads);
-        get(&shared, &follow, 0, 4, &read, &reads);
-        assert_eq!(reads.load(Ordering::SeqCst), 2);
+        let (lead, follow) = two_seats(&shared);
+        c.get(&shared, &lead, 0, 4);
+        c.get(&shared, &follow, 0, 4);
+        assert_eq!(c.reads(), 2);
         assert_eq!(shared.held(), 0);
     }
 

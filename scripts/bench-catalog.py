@@ -164,13 +164,13 @@ def measure(total, extra):
     # Incus's Go client asks for gzip (Accept-Encoding: gzip); plain is what curl gets.
     gz = {"Accept-Encoding": "gzip"}
 
-    def renders(change):
-        # The first images.json after a change renders it; later ones are served from the
-        # cache. A render takes long enough for the machine's noise to matter: five of them.
+    def renders(change, path="/streams/v1/images.json"):
+        # The first GET of a document after a change renders it; later ones are served from
+        # the cache. A render takes long enough for the machine's noise to matter: five of them.
         out = []
         for k in range(5):
             change(k)
-            out.append(timed(c, "GET", "/streams/v1/images.json", 1, headers=gz))
+            out.append(timed(c, "GET", path, 1, headers=gz))
         return statistics.median(t[0] for t in out), max(t[1] for t in out), out[-1][2]
 
     r["render images.json (first GET after a publish)"] = renders(
@@ -187,7 +187,12 @@ def measure(total, extra):
     r["list images"] = timed(c, "GET", "/v1/images", 10)
     r["list versions of one image"] = timed(c, "GET", f"/v1/images/{img}/versions", 20)
     r["read a manifest"] = timed(c, "GET", f"/v1/images/{img}/versions/1.0", 20)
-    r["catalog page /"] = timed(c, "GET", "/", 3)
+    # Browsers ask for gzip too; curl without --compressed gets the page plain.
+    r["render catalog page / (first GET after a publish)"] = renders(
+        lambda k: c.publish_version(img, f"7.{extra}.{k}", f"page/{extra}/{k}"), "/"
+    )
+    r["catalog page / cached, gzip (as browsers ask)"] = timed(c, "GET", "/", 10, headers=gz)
+    r["catalog page / cached, plain"] = timed(c, "GET", "/", 5)
     pubs = []
     for k in range(3):
         t0 = time.perf_counter()

@@ -120,6 +120,7 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         jobs: tx,
         ready: AtomicBool::new(false),
         streams_cache: std::sync::Mutex::new(None),
+        page_cache: Default::default(),
         tls: tls.is_some(),
     });
     let socket = backend_socket_path(&config);

@@ -56,7 +56,7 @@ pub struct Document {
 impl Document {
     fn new(body: Vec<u8>) -> Document {
         let hex = crate::digest::hex(&Sha256::digest(&body));
-        let gzip = gzip(&body);
+        let gzip = gzip(&body, flate2::Compression::default());
         Document {
             body,
             etag: format!("\"{hex}\""),
@@ -66,15 +66,13 @@ impl Document {
     }
 }
 
-/// gzip at the default level. On the 10,000-version catalog of `scripts/bench` it added about
-/// 0.2 s to a render (0.3 s before, paid once per catalog generation) for a body of 2.1 MB;
-/// the fastest level (`gzip -1`) gave 2.35 MB.
-fn gzip(body: &[u8]) -> Vec<u8> {
+/// Compresses a whole document. At the default level, on the 10,000-version catalog of
+/// `scripts/bench`, it added about 0.2 s to a render of the Simple Streams documents (0.3 s
+/// before, paid once per catalog generation) for a body of 2.1 MB; the fastest level
+/// (`gzip -1`) gave 2.35 MB.
+pub(crate) fn gzip(body: &[u8], level: flate2::Compression) -> Vec<u8> {
     use std::io::Write;
-    let mut enc = flate2::write::GzEncoder::new(
-        Vec::with_capacity(body.len() / 6),
-        flate2::Compression::default(),
-    );
+    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 6), level);
     // Writing to a Vec cannot fail.
     enc.write_all(body).expect("gzip into memory");
     enc.finish().expect("gzip into memory")

@@ -40,6 +40,12 @@ fn download_links(dom: &str) -> Vec<(String, String)> {
     out
 }
 
+fn gunzip(b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(b), &mut out).unwrap();
+    out
+}
+
 #[test]
 fn catalog_page_in_a_browser() {
     let s = Server::start();
@@ -79,6 +85,29 @@ fn catalog_page_in_a_browser() {
             .contains(&format!("incus remote add imgsrv https://{} ", s.addr))
     );
     assert_ne!(other.header("ETag"), Some(etag.as_str()));
+    // Each base URL has its own kept page: the plain one is still the http one.
+    let plain_again = s.get("/");
+    assert_eq!(plain_again.header("ETag"), Some(etag.as_str()));
+    assert_eq!(plain_again.body, page.body);
+
+    // A client that accepts gzip gets the same page compressed, under its own tag.
+    assert_eq!(page.header("Vary"), Some("Accept-Encoding"));
+    let gz = s.get_with("/", &[("Accept-Encoding", "gzip, deflate, br")]);
+    assert_eq!(gz.status, 200);
+    assert_eq!(gz.header("Content-Encoding"), Some("gzip"));
+    assert_eq!(gz.header("Vary"), Some("Accept-Encoding"));
+    assert!(gz.body.len() < page.body.len(), "not compressed");
+    assert_eq!(gunzip(&gz.body), page.body);
+    let gz_etag = gz.header("ETag").unwrap().to_string();
+    assert_eq!(gz_etag, format!("{}-gzip\"", etag.trim_end_matches('"')));
+    let gz_again = s.get_with(
+        "/",
+        &[("Accept-Encoding", "gzip"), ("If-None-Match", &gz_etag)],
+    );
+    assert_eq!(gz_again.status, 304);
+    assert_eq!(gz_again.header("Vary"), Some("Accept-Encoding"));
+    // The gzip tag does not validate the plain representation.
+    assert_eq!(s.get_with("/", &[("If-None-Match", &gz_etag)]).status, 200);
 
     // A second version (with a container root file system) is a new generation.
     let a = draft_with_artifact(&s, &w, "deb", "12.6", &disk);
@@ -96,6 +125,12 @@ fn catalog_page_in_a_browser() {
     s.publish(&w, "deb", "12.6");
     let moved = s.get_with("/", &[("If-None-Match", &etag)]);
     assert_eq!(moved.status, 200, "a publish must change the tag");
+    assert!(
+        moved.text().contains("/v1/images/deb/versions/12.6/"),
+        "the kept page went stale"
+    );
+    let moved_gz = s.get_with("/", &[("Accept-Encoding", "gzip")]);
+    assert_eq!(gunzip(&moved_gz.body), moved.body);
 
     if !require_tool("chromium") {
         return;

@@ -14,6 +14,7 @@ mod routes;
 mod streams;
 mod uploads;
 
+pub use page::PageCache;
 pub use uploads::withholds_body;
 
 use crate::http::{Request, Response, problem};
@@ -40,6 +41,8 @@ pub struct App {
     pub ready: AtomicBool,
     /// The Simple Streams documents and the catalog generation they were rendered at.
     pub streams_cache: std::sync::Mutex<Option<(u64, Arc<crate::streams::Rendered>)>>,
+    /// The catalog page as last rendered for each of the latest base URLs.
+    pub page_cache: PageCache,
     /// Whether this server terminates TLS itself (the catalog page's commands then say
     /// `https://`).
     pub tls: bool,

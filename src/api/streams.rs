@@ -60,7 +60,7 @@ pub fn serve(app: &App, req: &Request, which: Which) -> Response {
 /// Whether an `Accept-Encoding` value accepts gzip: `gzip`, `x-gzip` or `*` listed without
 /// `q=0`. No header means identity only (RFC 9110 allows any coding then, but a client that
 /// says nothing is safest served the plain document).
-fn accepts_gzip(header: Option<&str>) -> bool {
+pub(super) fn accepts_gzip(header: Option<&str>) -> bool {
     let Some(h) = header else {
         return false;
     };

@@ -27,12 +27,18 @@ const PAGES_KEPT: usize = 4;
 
 /// The catalog page as last rendered for each of the latest base URLs, newest first.
 #[derive(Default)]
-pub struct PageCache(Mutex<VecDeque<Kept>>);
+pub struct PageCache(Mutex<VecDeque<Arc<Slot>>>);
 
-struct Kept {
+/// One base URL's page: the generation it was rendered at and its gzip bytes, once rendered.
+struct Slot {
     base: String,
-    generation: u64,
-    gzip: Arc<Vec<u8>>,
+    page: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
+}
+
+/// Locks a mutex whose holder may have panicked: what it guards is only ever replaced whole,
+/// so it stays usable.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl PageCache {
@@ -44,32 +50,34 @@ impl PageCache {
         generation: u64,
         render: impl FnOnce() -> Result<(u64, Vec<u8>), String>,
     ) -> Result<(u64, Arc<Vec<u8>>), String> {
-        // A panic while rendering poisons the lock; entries are only ever replaced whole, so
-        // what is there stays usable.
-        let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        let at = kept.iter().position(|k| k.base == base);
-        if let Some(i) = at
-            && kept[i].generation >= generation
+        let slot = {
+            let mut slots = lock(&self.0);
+            let slot = match slots.iter().position(|s| s.base == base) {
+                Some(i) => slots.remove(i).expect("position is in range"),
+                None => Arc::new(Slot {
+                    base: base.to_string(),
+                    page: Mutex::new(None),
+                }),
+            };
+            slots.push_front(slot.clone());
+            // A slot pushed out while a request renders into it lives on with that request
+            // and is dropped after it.
+            slots.truncate(PAGES_KEPT);
+            slot
+        };
+        // Rendering happens under the slot's lock on purpose, as for the Simple Streams
+        // documents: requests for the same base URL that arrive meanwhile want the same page,
+        // and waiting for it is cheaper than rendering it once each. Requests for another base
+        // URL (a kept page, or a client making up `Host` values) do not wait for it.
+        let mut page = lock(&slot.page);
+        if let Some((g, gzip)) = page.as_ref()
+            && *g >= generation
         {
-            let k = kept.remove(i).expect("position is in range");
-            let found = (k.generation, k.gzip.clone());
-            kept.push_front(k);
-            return Ok(found);
+            return Ok((*g, gzip.clone()));
         }
-        // Rendering happens under the lock on purpose, as for the Simple Streams documents:
-        // requests that arrive meanwhile mostly want the same page, and waiting for it is
-        // cheaper than rendering it once each.
         let (generation, html) = render()?;
         let gzip = Arc::new(crate::streams::gzip(&html, flate2::Compression::fast()));
-        if let Some(i) = at {
-            kept.remove(i);
-        }
-        kept.push_front(Kept {
-            base: base.to_string(),
-            generation,
-            gzip: gzip.clone(),
-        });
-        kept.truncate(PAGES_KEPT);
+        *page = Some((generation, gzip.clone()));
         Ok((generation, gzip))
     }
 }
@@ -227,6 +235,41 @@ mod tests {
             2 + PAGES_KEPT + 1,
             "http://b0 should have gone"
         );
+    }
+
+    /// While one base URL's page renders, a kept page of another base URL is served.
+    #[test]
+    fn a_render_does_not_hold_up_other_base_urls() {
+        let cache = PageCache::default();
+        cache
+            .get_or_render("http://a", 1, || Ok((1, b"a".to_vec())))
+            .unwrap();
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        std::thread::scope(|scope| {
+            let cache = &cache;
+            scope.spawn(move || {
+                cache
+                    .get_or_render("http://slow", 1, || {
+                        started_tx.send(()).unwrap();
+                        release_rx.recv().unwrap();
+                        Ok((1, b"slow".to_vec()))
+                    })
+                    .unwrap();
+            });
+            started.recv().unwrap();
+            let (done_tx, done) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                let got = cache.get_or_render("http://a", 1, || Err("rendered again".into()));
+                done_tx.send(got.map(|(g, gz)| (g, gunzip(&gz)))).unwrap();
+            });
+            let got = done.recv_timeout(std::time::Duration::from_secs(30));
+            release.send(()).unwrap();
+            assert_eq!(
+                got.expect("held up by another render"),
+                Ok((1, b"a".to_vec()))
+            );
+        });
     }
 
     #[test]

@@ -21,8 +21,10 @@ use std::sync::{Arc, Mutex};
 
 /// Base URLs whose page is kept at once. A server is usually reached under one or two names
 /// (and through a TLS-terminating proxy); a request under yet another name renders its page
-/// and pushes out the one used least recently. Each kept page costs about 1.9 MB of gzip at
-/// 10,000 versions.
+/// and pushes out the page used least recently among those asked for only once, or failing
+/// that the one used least recently. So a client making up `Host` values pushes out its own
+/// pages rather than those of the names people use. Each kept page costs about 1.9 MB of
+/// gzip at 10,000 versions.
 const PAGES_KEPT: usize = 4;
 
 /// The catalog page as last rendered for each of the latest base URLs, newest first.
@@ -32,6 +34,8 @@ pub struct PageCache(Mutex<VecDeque<Arc<Slot>>>);
 /// One base URL's page: the generation it was rendered at and its gzip bytes, once rendered.
 struct Slot {
     base: String,
+    /// Whether the page was asked for again after the request that made the slot.
+    again: std::sync::atomic::AtomicBool,
     page: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
 }
 
@@ -53,16 +57,30 @@ impl PageCache {
         let slot = {
             let mut slots = lock(&self.0);
             let slot = match slots.iter().position(|s| s.base == base) {
-                Some(i) => slots.remove(i).expect("position is in range"),
+                Some(i) => {
+                    let slot = slots.remove(i).expect("position is in range");
+                    slot.again.store(true, std::sync::atomic::Ordering::Relaxed);
+                    slot
+                }
                 None => Arc::new(Slot {
                     base: base.to_string(),
+                    again: Default::default(),
                     page: Mutex::new(None),
                 }),
             };
             slots.push_front(slot.clone());
             // A slot pushed out while a request renders into it lives on with that request
             // and is dropped after it.
-            slots.truncate(PAGES_KEPT);
+            if slots.len() > PAGES_KEPT {
+                let once = slots
+                    .iter()
+                    .skip(1)
+                    .rposition(|s| !s.again.load(std::sync::atomic::Ordering::Relaxed));
+                match once {
+                    Some(i) => drop(slots.remove(i + 1)),
+                    None => drop(slots.pop_back()),
+                }
+            }
             slot
         };
         // Rendering happens under the slot's lock on purpose, as for the Simple Streams
@@ -235,6 +253,30 @@ mod tests {
             2 + PAGES_KEPT + 1,
             "http://b0 should have gone"
         );
+    }
+
+    /// Base URLs asked for only once (a client making up `Host` values) push out each other,
+    /// not the pages asked for again.
+    #[test]
+    fn pages_asked_for_once_go_first() {
+        let cache = PageCache::default();
+        let renders = Cell::new(0);
+        let get = |base: &str| {
+            cache
+                .get_or_render(base, 1, || {
+                    renders.set(renders.get() + 1);
+                    Ok((1, base.as_bytes().to_vec()))
+                })
+                .unwrap();
+        };
+        get("http://a");
+        get("http://a");
+        for i in 0..100 {
+            get(&format!("http://made-up-{i}"));
+        }
+        assert_eq!(renders.get(), 101);
+        get("http://a");
+        assert_eq!(renders.get(), 101, "http://a was pushed out");
     }
 
     /// While one base URL's page renders, a kept page of another base URL is served.

@@ -78,6 +78,13 @@ pub(crate) fn gzip(body: &[u8], level: flate2::Compression) -> Vec<u8> {
     enc.finish().expect("gzip into memory")
 }
 
+/// The bytes [`gzip`] compressed.
+pub(crate) fn gunzip(compressed: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(compressed.len() * 8);
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(compressed), &mut out)?;
+    Ok(out)
+}
+
 /// Both documents as of one catalog generation.
 #[derive(Debug, Clone)]
 pub struct Rendered {

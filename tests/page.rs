@@ -40,12 +40,6 @@ fn download_links(dom: &str) -> Vec<(String, String)> {
     out
 }
 
-fn gunzip(b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(b), &mut out).unwrap();
-    out
-}
-
 #[test]
 fn catalog_page_in_a_browser() {
     let s = Server::start();

@@ -740,6 +740,15 @@ pub fn parse_response(raw: &[u8], _head_only: bool) -> Resp {
     }
 }
 
+/// A gzip body decompressed.
+pub fn gunzip(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(body)
+        .read_to_end(&mut out)
+        .expect("a gzip body");
+    out
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()

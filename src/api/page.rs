@@ -29,20 +29,18 @@ const PAGES_KEPT: usize = 4;
 
 /// The catalog page as last rendered for each of the latest base URLs, newest first.
 #[derive(Default)]
-pub struct PageCache(Mutex<VecDeque<Arc<Slot>>>);
+pub struct PageCache(Mutex<VecDeque<Kept>>);
 
-/// One base URL's page: the generation it was rendered at and its gzip bytes, once rendered.
-struct Slot {
+/// A rendered page: the generation it was rendered at and its gzip bytes.
+type Page = (u64, Arc<Vec<u8>>);
+
+struct Kept {
     base: String,
-    /// Whether the page was asked for again after the request that made the slot.
-    again: std::sync::atomic::AtomicBool,
-    page: Mutex<Option<(u64, Arc<Vec<u8>>)>>,
-}
-
-/// Locks a mutex whose holder may have panicked: what it guards is only ever replaced whole,
-/// so it stays usable.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+    /// Whether the page was asked for again after the request that made the entry.
+    again: bool,
+    /// The page, once rendered. Shared with the requests rendering or reading it, so that
+    /// they hold its lock and not the list's.
+    page: Arc<Mutex<Option<Page>>>,
 }
 
 impl PageCache {
@@ -53,41 +51,39 @@ impl PageCache {
         base: &str,
         generation: u64,
         render: impl FnOnce() -> Result<(u64, Vec<u8>), String>,
-    ) -> Result<(u64, Arc<Vec<u8>>), String> {
+    ) -> Result<Page, String> {
         let slot = {
-            let mut slots = lock(&self.0);
-            let slot = match slots.iter().position(|s| s.base == base) {
+            // Entries are only ever replaced whole, so a list whose holder panicked is usable.
+            let mut kept = self.0.lock().unwrap_or_else(|p| p.into_inner());
+            let entry = match kept.iter().position(|k| k.base == base) {
                 Some(i) => {
-                    let slot = slots.remove(i).expect("position is in range");
-                    slot.again.store(true, std::sync::atomic::Ordering::Relaxed);
-                    slot
+                    let mut entry = kept.remove(i).expect("position is in range");
+                    entry.again = true;
+                    entry
                 }
-                None => Arc::new(Slot {
+                None => Kept {
                     base: base.to_string(),
-                    again: Default::default(),
-                    page: Mutex::new(None),
-                }),
+                    again: false,
+                    page: Default::default(),
+                },
             };
-            slots.push_front(slot.clone());
-            // A slot pushed out while a request renders into it lives on with that request
+            let slot = entry.page.clone();
+            kept.push_front(entry);
+            // A page pushed out while a request renders into it lives on with that request
             // and is dropped after it.
-            if slots.len() > PAGES_KEPT {
-                let once = slots
-                    .iter()
-                    .skip(1)
-                    .rposition(|s| !s.again.load(std::sync::atomic::Ordering::Relaxed));
-                match once {
-                    Some(i) => drop(slots.remove(i + 1)),
-                    None => drop(slots.pop_back()),
+            if kept.len() > PAGES_KEPT {
+                match kept.iter().skip(1).rposition(|k| !k.again) {
+                    Some(i) => drop(kept.remove(i + 1)),
+                    None => drop(kept.pop_back()),
                 }
             }
             slot
         };
-        // Rendering happens under the slot's lock on purpose, as for the Simple Streams
+        // Rendering happens under the page's lock on purpose, as for the Simple Streams
         // documents: requests for the same base URL that arrive meanwhile want the same page,
         // and waiting for it is cheaper than rendering it once each. Requests for another base
         // URL (a kept page, or a client making up `Host` values) do not wait for it.
-        let mut page = lock(&slot.page);
+        let mut page = slot.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((g, gzip)) = page.as_ref()
             && *g >= generation
         {
@@ -178,13 +174,8 @@ pub fn serve(app: &App, req: &Request) -> Response {
         let r = Response::bytes(200, "text/html; charset=utf-8", compressed.to_vec());
         return headers(r.header("Content-Encoding", "gzip"), tag);
     }
-    let mut html = Vec::with_capacity(compressed.len() * 8);
-    let plain = std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(compressed.as_slice()),
-        &mut html,
-    );
-    match plain {
-        Ok(_) => headers(Response::bytes(200, "text/html; charset=utf-8", html), tag),
+    match crate::streams::gunzip(&compressed) {
+        Ok(html) => headers(Response::bytes(200, "text/html; charset=utf-8", html), tag),
         // The bytes were compressed in memory by this process a moment ago.
         Err(e) => problem(
             500,
@@ -199,9 +190,7 @@ mod tests {
     use std::cell::Cell;
 
     fn gunzip(b: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(b), &mut out).unwrap();
-        out
+        crate::streams::gunzip(b).unwrap()
     }
 
     /// A page is rendered once per base URL and generation, kept for the latest

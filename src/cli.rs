@@ -45,6 +45,9 @@ pub struct ServeArgs {
     /// metrics address, empty disables (IMGSRV_METRICS_LISTEN; default 127.0.0.1:9464)
     #[argh(option)]
     pub metrics_listen: Option<String>,
+    /// the URL clients reach this server at, e.g. https://images.example.org; the catalog page's commands show it (IMGSRV_PUBLIC_URL; default: from each request's Host)
+    #[argh(option)]
+    pub public_url: Option<String>,
     /// lifetime of upload sessions, e.g. 24h, 30m (IMGSRV_UPLOAD_TTL; default 24h)
     #[argh(option)]
     pub upload_ttl: Option<String>,

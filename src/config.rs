@@ -14,6 +14,9 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub metrics_listen: Option<String>,
+    /// The base URL the catalog page's commands show, in place of one made from each
+    /// request's `Host`.
+    pub public_url: Option<String>,
     pub upload_ttl: Duration,
     pub sweep_interval: Duration,
     /// How long a retired version's files stay downloadable by their direct URLs.
@@ -100,6 +103,34 @@ pub fn parse_size(s: &str) -> Option<u64> {
     n.checked_mul(mult)
 }
 
+/// Checks a public URL (`http://` or `https://`, a host and optional port, an optional path
+/// prefix) and drops a trailing `/`, since the page appends paths that start with one. Query
+/// strings and fragments are refused: they would end up in the middle of every command.
+fn public_url(raw: &str) -> Result<String, String> {
+    let bad = |why: &str| {
+        Err(format!(
+            "public URL {raw:?} {why}; give one such as https://images.example.org"
+        ))
+    };
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return bad("has no scheme");
+    };
+    if scheme != "http" && scheme != "https" {
+        return bad("must start with http:// or https://");
+    }
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if !crate::http::is_host(host) {
+        return bad("has no valid host name or address");
+    }
+    if !path
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"/.-_~%".contains(&c))
+    {
+        return bad("may hold only a host and a path prefix, without a query or fragment");
+    }
+    Ok(format!("{scheme}://{host}{}", path.trim_end_matches('/')))
+}
+
 impl Config {
     pub fn from_args(a: ServeArgs) -> Result<Config, String> {
         let listen = pick(a.listen, "IMGSRV_LISTEN").unwrap_or_else(|| "127.0.0.1:8080".into());
@@ -116,6 +147,10 @@ impl Config {
         let metrics_listen = pick(a.metrics_listen, "IMGSRV_METRICS_LISTEN")
             .unwrap_or_else(|| "127.0.0.1:9464".into());
         let metrics_listen = (!metrics_listen.is_empty()).then_some(metrics_listen);
+        let public_url = match pick(a.public_url, "IMGSRV_PUBLIC_URL") {
+            Some(u) if !u.is_empty() => Some(public_url(&u)?),
+            _ => None,
+        };
         let log_format = match pick(a.log_format, "IMGSRV_LOG_FORMAT").as_deref() {
             None | Some("text") => Format::Text,
             Some("json") => Format::Json,
@@ -155,6 +190,7 @@ impl Config {
             tls_cert,
             tls_key,
             metrics_listen,
+            public_url,
             upload_ttl: duration(a.upload_ttl, "IMGSRV_UPLOAD_TTL", "24h", "upload TTL")?,
             sweep_interval: duration(
                 a.sweep_interval,
@@ -199,7 +235,40 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::{parse_size, public_url};
+
+    #[test]
+    fn public_urls() {
+        for (raw, want) in [
+            (
+                "https://images.example.org",
+                Some("https://images.example.org"),
+            ),
+            (
+                "https://images.example.org/",
+                Some("https://images.example.org"),
+            ),
+            ("http://10.0.0.5:8080", Some("http://10.0.0.5:8080")),
+            (
+                "https://[2001:db8::1]:8443",
+                Some("https://[2001:db8::1]:8443"),
+            ),
+            (
+                "https://example.org/images/",
+                Some("https://example.org/images"),
+            ),
+            ("images.example.org", None),
+            ("ftp://images.example.org", None),
+            ("https://", None),
+            ("https:///images", None),
+            ("https://example.org/?a=b", None),
+            ("https://example.org/#top", None),
+            ("https://exa mple.org", None),
+            ("https://user@example.org", None),
+        ] {
+            assert_eq!(public_url(raw).ok().as_deref(), want, "{raw}");
+        }
+    }
 
     #[test]
     fn sizes() {

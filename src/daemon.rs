@@ -122,6 +122,7 @@ pub fn serve(config: Config) -> Result<(), Failure> {
         streams_cache: std::sync::Mutex::new(None),
         page_cache: Default::default(),
         tls: tls.is_some(),
+        public_url: config.public_url.clone(),
     });
     let socket = backend_socket_path(&config);
     let request_server = server::start(&socket, app.clone(), config.http_threads, stop.clone())?;

@@ -178,6 +178,15 @@ impl From<Error> for Response {
     }
 }
 
+/// Whether `h` could be a host name or address with an optional port (`Host`'s value): no
+/// characters that could break out of a URL or markup where it is shown.
+pub fn is_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b".-:[]_".contains(&c))
+}
+
 /// Decodes `%XX` escapes of one path segment; `None` for malformed escapes or non-UTF-8.
 pub fn percent_decode(s: &str) -> Option<String> {
     let b = s.as_bytes();

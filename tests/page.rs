@@ -168,3 +168,67 @@ fn catalog_page_in_a_browser() {
         std::fs::copy(&png, keep).unwrap();
     }
 }
+
+/// `GET /` sent under the `Host` given, as a client reaching the server under another name,
+/// with the extra headers given.
+fn page_as(s: &Server, host: &str, headers: &[(&str, &str)]) -> Resp {
+    use std::io::{Read, Write};
+    let mut head = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+    c.write_all(format!("{head}\r\n").as_bytes()).unwrap();
+    let mut raw = Vec::new();
+    c.read_to_end(&mut raw).unwrap();
+    parse_response(&raw, false)
+}
+
+#[test]
+fn a_public_url_replaces_the_host_on_the_page() {
+    // Without one, the commands follow the name the client used.
+    let s = Server::start();
+    let html = page_as(&s, "img.example:8080", &[]).text();
+    assert!(
+        html.contains("incus remote add imgsrv http://img.example:8080 --protocol"),
+        "{html}"
+    );
+    drop(s);
+
+    // With one, every name (and a proxy's scheme) gets the same page under the same tag.
+    let s = Server::start_with(&["--public-url", "https://images.example.org/"]);
+    let w = s.writer_token();
+    s.create_image(&w, &json!({"name": "deb"}));
+    s.publish_image(&w, "deb", "12.5", &bytes(20_000, 1), &bytes(500, 2));
+    let page = page_as(&s, "made-up.example", &[]);
+    assert_eq!(page.status, 200);
+    let html = page.text();
+    assert!(
+        html.contains("incus remote add imgsrv https://images.example.org --protocol"),
+        "{html}"
+    );
+    assert!(html.contains("https://images.example.org/v1/images/deb/versions/12.5/"));
+    assert!(!html.contains("made-up.example"));
+    let tag = page.header("ETag").unwrap();
+    for (host, proto) in [("other.example", "http"), (s.addr.as_str(), "https")] {
+        let again = page_as(
+            &s,
+            host,
+            &[("X-Forwarded-Proto", proto), ("If-None-Match", tag)],
+        );
+        assert_eq!(again.status, 304, "{host} {proto}");
+    }
+    drop(s);
+
+    // A URL the page could not use is refused at start, as a usage error.
+    for bad in ["images.example.org", "ftp://x", "https://x/?q=1"] {
+        let out = Command::new(binary())
+            .args(["serve", "--listen", "127.0.0.1:0", "--public-url", bad])
+            .env("IMGSRV_DATA_DIR", "/nonexistent/never-created")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("public URL"), "{bad}: {err}");
+    }
+}

@@ -46,6 +46,8 @@ pub struct App {
     /// Whether this server terminates TLS itself (the catalog page's commands then say
     /// `https://`).
     pub tls: bool,
+    /// The base URL the catalog page's commands show, when the operator configured one.
+    pub public_url: Option<String>,
 }
 
 /// The OpenAPI document served at `/openapi/v1.yaml`, compiled into the binary.

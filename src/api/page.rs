@@ -11,6 +11,9 @@
 //! costs a fraction of a render. The gzip representation has its own tag (`-gzip` inside the
 //! quotes, as for the Simple Streams documents) and both answers carry `Vary:
 //! Accept-Encoding`.
+//!
+//! With a configured public URL (`--public-url`) every request gets the page for that URL,
+//! so one page is kept whatever `Host` a client sends.
 
 use super::App;
 use super::streams::accepts_gzip;
@@ -96,10 +99,14 @@ impl PageCache {
     }
 }
 
-/// The absolute URL the page's commands use: the scheme a TLS-terminating proxy reports in
-/// `X-Forwarded-Proto`, else this server's own, and the request's `Host`. A `Host` with
-/// characters no host name or address has is replaced, so the page never shows garbage.
+/// The absolute URL the page's commands use: the configured public URL, else the scheme a
+/// TLS-terminating proxy reports in `X-Forwarded-Proto` (or this server's own) and the
+/// request's `Host`. A `Host` with characters no host name or address has is replaced, so the
+/// page never shows garbage.
 fn base_url(app: &App, req: &Request) -> String {
+    if let Some(url) = &app.public_url {
+        return url.clone();
+    }
     let scheme = match req.header("X-Forwarded-Proto").map(str::trim) {
         Some(p) if p.eq_ignore_ascii_case("https") => "https",
         Some(p) if p.eq_ignore_ascii_case("http") => "http",
@@ -109,12 +116,7 @@ fn base_url(app: &App, req: &Request) -> String {
     let host = req
         .header("Host")
         .map(str::trim)
-        .filter(|h| {
-            !h.is_empty()
-                && h.len() <= 255
-                && h.bytes()
-                    .all(|c| c.is_ascii_alphanumeric() || b".-:[]_".contains(&c))
-        })
+        .filter(|h| crate::http::is_host(h))
         .unwrap_or("localhost");
     format!("{scheme}://{host}")
 }

@@ -169,26 +169,11 @@ fn catalog_page_in_a_browser() {
     }
 }
 
-/// `GET /` sent under the `Host` given, as a client reaching the server under another name,
-/// with the extra headers given.
-fn page_as(s: &Server, host: &str, headers: &[(&str, &str)]) -> Resp {
-    use std::io::{Read, Write};
-    let mut head = format!("GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
-    c.write_all(format!("{head}\r\n").as_bytes()).unwrap();
-    let mut raw = Vec::new();
-    c.read_to_end(&mut raw).unwrap();
-    parse_response(&raw, false)
-}
-
 #[test]
 fn a_public_url_replaces_the_host_on_the_page() {
     // Without one, the commands follow the name the client used.
     let s = Server::start();
-    let html = page_as(&s, "img.example:8080", &[]).text();
+    let html = s.get_with("/", &[("Host", "img.example:8080")]).text();
     assert!(
         html.contains("incus remote add imgsrv http://img.example:8080 --protocol"),
         "{html}"
@@ -200,7 +185,7 @@ fn a_public_url_replaces_the_host_on_the_page() {
     let w = s.writer_token();
     s.create_image(&w, &json!({"name": "deb"}));
     s.publish_image(&w, "deb", "12.5", &bytes(20_000, 1), &bytes(500, 2));
-    let page = page_as(&s, "made-up.example", &[]);
+    let page = s.get_with("/", &[("Host", "made-up.example")]);
     assert_eq!(page.status, 200);
     let html = page.text();
     assert!(
@@ -211,10 +196,13 @@ fn a_public_url_replaces_the_host_on_the_page() {
     assert!(!html.contains("made-up.example"));
     let tag = page.header("ETag").unwrap();
     for (host, proto) in [("other.example", "http"), (s.addr.as_str(), "https")] {
-        let again = page_as(
-            &s,
-            host,
-            &[("X-Forwarded-Proto", proto), ("If-None-Match", tag)],
+        let again = s.get_with(
+            "/",
+            &[
+                ("Host", host),
+                ("X-Forwarded-Proto", proto),
+                ("If-None-Match", tag),
+            ],
         );
         assert_eq!(again.status, 304, "{host} {proto}");
     }
